@@ -1,0 +1,1162 @@
+#!/usr/bin/env python3
+"""sync_waf_to_syslog - forward Alibaba Cloud WAF logs from Log Service (SLS) to a syslog server.
+
+WHAT IT DOES
+  Joins an SLS consumer group on the WAF logstore (aliyun-log-python-sdk), turns every WAF log into
+  exactly one syslog message and sends it to your syslog server / SIEM over UDP, TCP or TLS. A shard's
+  checkpoint moves only past logs the syslog transport accepted, so a crash, a restart or a syslog
+  outage never loses a log (it can repeat at most the batch that was in flight).
+
+RUN
+  python sync_waf_to_syslog.py              run until SIGTERM / SIGINT (Ctrl-C), then exit 0
+  python sync_waf_to_syslog.py --check      check settings, SLS access and the syslog connection
+  python sync_waf_to_syslog.py --dry-run    print the messages that would be sent next; send nothing
+  Settings come from the environment, or from a `.env` file beside this script (or --env-file);
+  a variable set in the real environment wins over the file.
+
+EXIT STATUS
+  0  stopped on request, finished a replay (SLS_CURSOR_END), or another instance already runs
+  1  runtime failure (e.g. SLS refused the AccessKey, the consumer thread died)
+  2  bad settings: one line per problem, naming the variable
+
+SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
+  SLS_ENDPOINT            SLS endpoint, e.g. cn-hangzhou-intranet.log.aliyuncs.com        (required)
+  SLS_AK_ID               AccessKey ID                                                    (required)
+  SLS_AK_KEY              AccessKey secret (never printed or logged)                      (required)
+  SLS_STS_TOKEN           STS security token, when the AccessKey is temporary
+  SLS_PROJECT             project, e.g. wafng-project-<uid>-cn-hangzhou                   (required)
+  SLS_LOGSTORE            logstore, e.g. wafng-logstore                                   (required)
+  SLS_CG                  consumer group name                                     default WAF-SLS
+  SLS_CONSUMER_NAME       this consumer's name in the group; keep it stable so a restart takes its
+                          shards back at once                          default {SLS_CG}-{hostname}
+  SLS_CURSOR_START        where a new group starts: begin, end, or an ISO-8601 time
+                          (e.g. 2026-11-01T00:00:00+08:00); ignored once checkpoints exist
+                                                                                    default begin
+  SLS_CURSOR_END          stop after logs received up to this ISO-8601 time (replay/backfill)
+  SLS_HEARTBEAT_INTERVAL  seconds between consumer-group heartbeats                    default 20
+  SLS_FETCH_INTERVAL      seconds between fetch rounds                                  default 1
+  SLS_MAX_FETCH_GROUPS    most log groups fetched per pull (1-1000)                   default 1000
+  SLS_WORKER_POOL_SIZE    SDK threads shared by fetching and processing                  default 2
+
+SETTINGS: syslog
+  SYSLOG_HOST             syslog server host name or IP                                   (required)
+  SYSLOG_PROTOCOL         udp | tcp | tls                                              default tcp
+  SYSLOG_PORT             port                                    default 514 (6514 for tls)
+  SYSLOG_FORMAT           rfc5424 | rfc3164                                        default rfc5424
+  SYSLOG_FRAMING          octet-counting | lf   (tcp/tls only)                default octet-counting
+  SYSLOG_SEP              separator between key=value pairs; ASCII punctuation, space or TAB,
+                          not \\ or =                                                  default ,
+  SYSLOG_FACILITY         facility name (kern, user, ..., local0..local7) or number     default user
+  SYSLOG_SEVERITY         severity name (emerg ... debug) or number                    default info
+  SYSLOG_HOSTNAME         HOSTNAME field of every message                     default this host
+  SYSLOG_TAG              APP-NAME (RFC 5424) / TAG (RFC 3164)                   default AliyunWAF
+  SYSLOG_MAX_MESSAGE_SIZE bytes per message; longer messages have their longest values cut
+                          (counted and logged); UDP can never exceed 65507          default 65507
+  SYSLOG_TIMEOUT          seconds a connect or a send may stall before it is retried   default 120
+  SYSLOG_RETRY_MAX_DELAY  longest pause between reconnect attempts, seconds           default 30
+  SYSLOG_CERT_PATH        CA bundle that signed the server's certificate (tls); system CAs if unset
+  SYSLOG_CLIENT_CERT      client certificate (PEM) for mutual TLS
+  SYSLOG_CLIENT_KEY       its private key (PEM); required with SYSLOG_CLIENT_CERT
+
+SETTINGS: this program
+  SYNC_LOG_LEVEL          DEBUG | INFO | WARNING | ERROR                               default INFO
+  SYNC_LOG_FILE           also write the log to this file                   default stderr only
+  SYNC_LOCK_FILE          lock that keeps a second copy from starting (--lock-file)
+                                          default <tmp>/sync_waf_to_syslog-<consumer name>.lock
+  SYNC_STATS_INTERVAL     seconds between statistics lines, 0 = off (--stats-interval)  default 60
+
+MESSAGE
+  One message per log. RFC 5424: <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID - - MSG, where TIMESTAMP is
+  the log's own time (__time__ and its nanosecond part) in local time with its UTC offset.
+  RFC 3164: <PRI>Mmm dd hh:mm:ss HOSTNAME TAG: MSG. MSG is key=value pairs joined by SYSLOG_SEP:
+  __topic__, __source__, every __tag__:*, then the WAF fields in their original order. Escaping in
+  keys and values: \\ -> \\\\, LF -> \\n, CR -> \\r, the separator -> \\ + separator, other control
+  characters except TAB -> \\xHH, and = in keys -> \\=. (With a multi-character separator, a value that
+  ends in the separator's first characters has those written as \\xHH, so splitting stays exact.)
+  Invalid UTF-8 becomes U+FFFD.
+"""
+import argparse
+import dataclasses
+import errno
+import fcntl
+import functools
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import ssl
+import string
+import struct
+import sys
+import tempfile
+import threading
+import time
+
+log = logging.getLogger("sync_waf_to_syslog")
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_SETTINGS = 0, 1, 2
+UDP_MAX_PAYLOAD = 65507  # IPv4: 65535 - 8 (UDP header) - 20 (IP header)
+
+
+# ================================================================================================
+# Settings
+# ================================================================================================
+
+FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
+    "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11, "ntp": 12, "security": 13, "console": 14,
+    "solaris-cron": 15, **{f"local{i}": 16 + i for i in range(8)},
+}
+SEVERITIES = {
+    "emerg": 0, "alert": 1, "crit": 2, "err": 3, "error": 3, "warning": 4, "warn": 4,
+    "notice": 5, "info": 6, "debug": 7,
+}
+PRINTABLE_ASCII = frozenset(chr(c) for c in range(33, 127))
+SEPARATOR_CHARS = frozenset(string.punctuation + " \t") - {"\\", "="}
+
+
+class SettingsError(Exception):
+    """Bad settings: one line per problem, each naming the variable."""
+
+    def __init__(self, problems):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    sls_endpoint: str
+    sls_access_key_id: str
+    sls_access_key_secret: str = dataclasses.field(repr=False)
+    sls_sts_token: str = dataclasses.field(repr=False)
+    sls_project: str
+    sls_logstore: str
+    sls_consumer_group: str
+    sls_consumer_name: str
+    sls_cursor_start: str          # "begin", "end" or unix seconds as a string
+    sls_cursor_end: str            # "" (run forever) or unix seconds as a string
+    sls_heartbeat_interval: int
+    sls_fetch_interval: float
+    sls_max_fetch_groups: int
+    sls_worker_pool_size: int
+    syslog_host: str
+    syslog_port: int
+    syslog_protocol: str
+    syslog_format: str
+    syslog_framing: str
+    syslog_separator: str
+    syslog_facility: int
+    syslog_severity: int
+    syslog_hostname: str
+    syslog_tag: str
+    syslog_max_message_size: int
+    syslog_timeout: float
+    syslog_retry_max_delay: float
+    syslog_ca_file: str
+    syslog_client_cert: str
+    syslog_client_key: str
+    log_level: str
+    log_file: str
+    lock_file: str
+    stats_interval: float
+
+    @classmethod
+    def from_environment(cls, env, overrides=None):
+        """Build and validate the settings from a mapping of variables; raise SettingsError."""
+        return _SettingsReader(env, overrides or {}).read()
+
+
+class _SettingsReader:
+    """Reads every variable once and collects all problems, so the operator sees them together."""
+
+    def __init__(self, env, overrides):
+        self.env = env
+        self.overrides = overrides
+        self.problems = []
+
+    def text(self, name, default=""):
+        value = self.env.get(name)
+        return default if value is None or value.strip() == "" else value.strip()
+
+    def required(self, name):
+        value = self.text(name)
+        if not value:
+            self.problems.append(f"{name}: required but not set")
+        return value
+
+    def number(self, name, default, minimum, maximum, kind=int):
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            self.problems.append(f"{name}: {raw!r} is not a {'whole ' if kind is int else ''}number")
+            return default
+        if not minimum <= value <= maximum:
+            self.problems.append(f"{name}: {raw} is out of range ({minimum}..{maximum})")
+            return default
+        return value
+
+    def choice(self, name, default, choices):
+        value = self.text(name, default).lower()
+        if value not in choices:
+            self.problems.append(f"{name}: {value!r} is not one of {', '.join(sorted(choices))}")
+            return default
+        return value
+
+    def code(self, name, default, names, maximum):
+        value = self.text(name, default).lower()
+        if value.isdigit() and int(value) <= maximum:
+            return int(value)
+        if value in names:
+            return names[value]
+        self.problems.append(f"{name}: {value!r} is not a name ({', '.join(names)}) or 0..{maximum}")
+        return 0
+
+    def timestamp(self, name, default, keywords):
+        value = self.text(name, default)
+        if value == "" or value.lower() in keywords:
+            return value.lower()
+        seconds = parse_time(value)
+        if seconds is None:
+            allowed = " or ".join(list(keywords) + ["an ISO-8601 time such as 2026-11-01T00:00:00+08:00"])
+            self.problems.append(f"{name}: {value!r} is not {allowed}")
+            return default
+        return str(seconds)
+
+    def readable_file(self, name):
+        path = self.text(name)
+        if path and not os.access(path, os.R_OK):
+            self.problems.append(f"{name}: cannot read file {path!r}")
+        return path
+
+    def header_field(self, name, default, max_length):
+        value = self.text(name, default)
+        if not set(value) <= PRINTABLE_ASCII or len(value) > max_length:
+            self.problems.append(f"{name}: {value!r} must be 1..{max_length} printable ASCII "
+                                 f"characters without spaces")
+        return value
+
+    def read(self):
+        consumer_group = self.text("SLS_CG", "WAF-SLS")
+        protocol = self.choice("SYSLOG_PROTOCOL", "tcp", {"udp", "tcp", "tls"})
+        syslog_format = self.choice("SYSLOG_FORMAT", "rfc5424", {"rfc5424", "rfc3164"})
+        separator = self.env.get("SYSLOG_SEP", ",")  # not stripped: " " and TAB are separators
+        if separator == "" or not set(separator) <= SEPARATOR_CHARS:
+            self.problems.append(f"SYSLOG_SEP: {separator!r} must be one or more ASCII punctuation, "
+                                 "space or TAB characters, not \\ or =")
+        max_size = self.number("SYSLOG_MAX_MESSAGE_SIZE", UDP_MAX_PAYLOAD, 480,
+                               UDP_MAX_PAYLOAD if protocol == "udp" else 16 * 1024 * 1024)
+        client_cert = self.readable_file("SYSLOG_CLIENT_CERT")
+        client_key = self.readable_file("SYSLOG_CLIENT_KEY")
+        if bool(client_cert) != bool(client_key):
+            missing = "SYSLOG_CLIENT_KEY" if client_cert else "SYSLOG_CLIENT_CERT"
+            self.problems.append(f"{missing}: required for mutual TLS together with "
+                                 f"{'SYSLOG_CLIENT_CERT' if client_cert else 'SYSLOG_CLIENT_KEY'}")
+        consumer_name = self.text("SLS_CONSUMER_NAME", f"{consumer_group}-{socket.gethostname()}")
+        lock_file = self.overrides.get("lock_file") or self.text(
+            "SYNC_LOCK_FILE", os.path.join(tempfile.gettempdir(),
+                                           f"sync_waf_to_syslog-{safe_file_name(consumer_name)}.lock"))
+        stats_interval = self.overrides.get("stats_interval")
+        if stats_interval is None:
+            stats_interval = self.number("SYNC_STATS_INTERVAL", 60.0, 0, 86400, float)
+        settings = Settings(
+            sls_endpoint=self.required("SLS_ENDPOINT"),
+            sls_access_key_id=self.required("SLS_AK_ID"),
+            sls_access_key_secret=self.required("SLS_AK_KEY"),
+            sls_sts_token=self.text("SLS_STS_TOKEN"),
+            sls_project=self.required("SLS_PROJECT"),
+            sls_logstore=self.required("SLS_LOGSTORE"),
+            sls_consumer_group=consumer_group,
+            sls_consumer_name=consumer_name,
+            sls_cursor_start=self.timestamp("SLS_CURSOR_START", "begin", ("begin", "end")),
+            sls_cursor_end=self.timestamp("SLS_CURSOR_END", "", ("end",)),
+            sls_heartbeat_interval=self.number("SLS_HEARTBEAT_INTERVAL", 20, 1, 3600),
+            sls_fetch_interval=self.number("SLS_FETCH_INTERVAL", 1.0, 0.01, 3600, float),
+            sls_max_fetch_groups=self.number("SLS_MAX_FETCH_GROUPS", 1000, 1, 1000),
+            sls_worker_pool_size=self.number("SLS_WORKER_POOL_SIZE", 2, 1, 64),
+            syslog_host=self.required("SYSLOG_HOST"),
+            syslog_port=self.number("SYSLOG_PORT", 6514 if protocol == "tls" else 514, 1, 65535),
+            syslog_protocol=protocol,
+            syslog_format=syslog_format,
+            syslog_framing=self.choice("SYSLOG_FRAMING", "octet-counting", {"octet-counting", "lf"}),
+            syslog_separator=separator,
+            syslog_facility=self.code("SYSLOG_FACILITY", "user", FACILITIES, 23),
+            syslog_severity=self.code("SYSLOG_SEVERITY", "info", SEVERITIES, 7),
+            syslog_hostname=self.header_field("SYSLOG_HOSTNAME", default_hostname(), 255),
+            syslog_tag=self.header_field("SYSLOG_TAG", "AliyunWAF",
+                                         32 if syslog_format == "rfc3164" else 48),
+            syslog_max_message_size=max_size,
+            syslog_timeout=self.number("SYSLOG_TIMEOUT", 120.0, 1, 86400, float),
+            syslog_retry_max_delay=self.number("SYSLOG_RETRY_MAX_DELAY", 30.0, 0.1, 3600, float),
+            syslog_ca_file=self.readable_file("SYSLOG_CERT_PATH"),
+            syslog_client_cert=client_cert,
+            syslog_client_key=client_key,
+            log_level=self.choice("SYNC_LOG_LEVEL", "info", {"debug", "info", "warning", "error"}).upper(),
+            log_file=self.text("SYNC_LOG_FILE"),
+            lock_file=lock_file,
+            stats_interval=stats_interval,
+        )
+        if protocol == "tls" and not self.problems:
+            self.check_tls_files(settings)
+        if self.problems:
+            raise SettingsError(self.problems)
+        return settings
+
+    def check_tls_files(self, settings):
+        """Load the CA and client certificate now, so a bad file is a settings error, not a retry loop."""
+        try:
+            tls_context(settings)
+        except (ssl.SSLError, OSError) as exc:
+            names = "SYSLOG_CERT_PATH" if not settings.syslog_client_cert else \
+                "SYSLOG_CERT_PATH / SYSLOG_CLIENT_CERT / SYSLOG_CLIENT_KEY"
+            self.problems.append(f"{names}: cannot load the TLS files: {exc}")
+
+
+def parse_time(text):
+    """Unix seconds from an ISO-8601 time (naive = local time) or from digits; None if neither."""
+    if text.isdigit():
+        return int(text)
+    try:
+        import datetime
+        value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    return int(value.timestamp())
+
+
+def default_hostname():
+    """This host's name, reduced to what an RFC 5424 HOSTNAME may contain."""
+    name = "".join(c if c in PRINTABLE_ASCII else "-" for c in socket.gethostname())[:255]
+    return name or "-"
+
+
+def safe_file_name(text):
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
+def load_env_file(path, environ):
+    """Variables from a .env file, overridden by the real environment."""
+    from dotenv import dotenv_values
+    values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    values.update(environ)
+    return values
+
+
+# ================================================================================================
+# Encoders: pure functions from a WAF log to the bytes of one syslog message
+# ================================================================================================
+
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in range(32) if c != 9}  # TAB is kept
+_CONTROL_ESCAPES.update({10: "\\n", 13: "\\r", 92: "\\\\"})
+
+
+@functools.lru_cache(maxsize=8)
+def kv_escapers(separator):
+    """(escape_key, escape_value) for one separator; see MESSAGE in the docstring for the rules."""
+    specials = "".join(re.escape(chr(c)) for c in _CONTROL_ESCAPES)
+    # A value that ends in a proper prefix of a multi-character separator would run into the
+    # separator that follows it; those characters are written as \xHH instead.
+    tails = "".join(f"|{re.escape(separator[:n])}\\Z" for n in range(len(separator) - 1, 0, -1))
+
+    def replacement(match):
+        text = match.group()
+        if text == separator:
+            return "\\" + separator
+        if len(text) == 1 and ord(text) in _CONTROL_ESCAPES:
+            return _CONTROL_ESCAPES[ord(text)]
+        if text == "=":
+            return "\\="
+        return "".join(f"\\x{ord(c):02x}" for c in text)
+
+    def make(extra):
+        pattern = re.compile(f"{re.escape(separator)}{tails}|[{specials}{extra}]")
+        quick = re.compile(f"[{specials}{extra}{re.escape(separator[0])}]")
+        return lambda text: pattern.sub(replacement, text) if quick.search(text) else text
+
+    return make("="), make("")
+
+
+def encode_kv(fields, separator):
+    """MSG body: key=value pairs joined by the separator, escaped so the split is exact."""
+    escape_key, escape_value = kv_escapers(separator)
+    return separator.join(f"{escape_key(k)}={escape_value(v)}" for k, v in fields)
+
+
+def text_of(value):
+    """SDK values are str, or bytes when SLS holds invalid UTF-8: those become U+FFFD."""
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def group_fields(log_group):
+    """The fields every log of a LogGroup shares: __topic__, __source__ and each __tag__:*."""
+    fields = [("__topic__", text_of(log_group.Topic)), ("__source__", text_of(log_group.Source))]
+    fields.extend((f"__tag__:{text_of(t.Key)}", text_of(t.Value)) for t in log_group.LogTags)
+    return fields
+
+
+def log_fields(log):
+    return [(text_of(c.Key), text_of(c.Value)) for c in log.Contents]
+
+
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+@functools.lru_cache(maxsize=4096)
+def rfc3339_parts(seconds):
+    """('YYYY-MM-DDThh:mm:ss', '+hh:mm') in local time: computed once per second of log time."""
+    t = time.localtime(seconds)
+    offset = t.tm_gmtoff // 60
+    sign = "-" if offset < 0 else "+"
+    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}",
+            f"{sign}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}")
+
+
+def rfc3339(seconds, nanoseconds=0):
+    """RFC 3339 / RFC 5424 TIMESTAMP with microseconds (the most RFC 5424 allows) and UTC offset."""
+    clock, offset = rfc3339_parts(seconds)
+    return f"{clock}.{nanoseconds // 1000:06d}{offset}" if nanoseconds else f"{clock}{offset}"
+
+
+@functools.lru_cache(maxsize=4096)
+def rfc3164_timestamp(seconds):
+    """'Mmm dd hh:mm:ss' in local time, English month, day padded with a space (RFC 3164 4.1.2)."""
+    t = time.localtime(seconds)
+    return f"{MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+
+
+def rfc5424_header(pri, timestamp, hostname, app_name, procid):
+    return f"<{pri}>1 {timestamp} {hostname} {app_name} {procid} - - "
+
+
+def rfc3164_header(pri, timestamp, hostname, tag):
+    return f"<{pri}>{timestamp} {hostname} {tag}: "
+
+
+def fit_message(header, fields, encode_body, max_size):
+    """Header + body as bytes within max_size; (bytes, truncated?).
+
+    The longest values are cut (at a character boundary, marked with "...") until the message fits,
+    so every field stays present and the body stays parseable; a header that alone is too long is
+    cut at a UTF-8 boundary as a last resort."""
+    head = header.encode()
+    body = encode_body(fields).encode()
+    if len(head) + len(body) <= max_size:
+        return head + body, False
+    fields = list(fields)
+    for _ in range(2 * len(fields)):
+        excess = len(head) + len(body) - max_size
+        if excess <= 0:
+            return head + body, True
+        index = max(range(len(fields)), key=lambda i: len(fields[i][1]))
+        key, value = fields[index]
+        raw = value.encode()
+        if len(raw) <= 3:
+            break
+        keep = raw[:max(0, len(raw) - excess - 3)].decode("utf-8", "ignore")
+        fields[index] = (key, keep + "...")
+        body = encode_body(fields).encode()
+    message = (head + body)[:max_size]
+    return message[:utf8_boundary(message, len(message))], True
+
+
+def utf8_boundary(data, end):
+    """The largest index <= end that does not split a UTF-8 character of data."""
+    if end >= len(data):
+        return len(data)
+    while end > 0 and (data[end] & 0xC0) == 0x80:
+        end -= 1
+    return end
+
+
+class MessageEncoder:
+    """Turns the SDK's LogGroupList into syslog messages (bytes, one per log), caching what repeats."""
+
+    def __init__(self, settings, procid=None):
+        self.settings = settings
+        self.pri = settings.syslog_facility * 8 + settings.syslog_severity
+        self.procid = str(procid or os.getpid())
+        self.separator = settings.syslog_separator
+
+    def header(self, seconds, nanoseconds):
+        s = self.settings
+        if s.syslog_format == "rfc3164":
+            return rfc3164_header(self.pri, rfc3164_timestamp(seconds), s.syslog_hostname, s.syslog_tag)
+        return rfc5424_header(self.pri, rfc3339(seconds, nanoseconds), s.syslog_hostname,
+                              s.syslog_tag, self.procid)
+
+    def encode_body(self, fields):
+        return encode_kv(fields, self.separator)
+
+    def encode(self, log_group_list):
+        """(messages, time of the newest log, number of truncated messages) for one pulled batch."""
+        messages, newest, truncated = [], 0, 0
+        max_size = self.settings.syslog_max_message_size
+        for group in log_group_list.LogGroups:
+            shared = group_fields(group)
+            shared_body = self.encode_body(shared)
+            for entry in group.Logs:
+                fields = log_fields(entry)
+                header = self.header(entry.Time, entry.Time_ns)
+                body = self.encode_body(fields)
+                message = f"{header}{shared_body}{self.separator}{body}".encode() if body else \
+                    f"{header}{shared_body}".encode()
+                if len(message) > max_size:
+                    message, _ = fit_message(header, shared + fields, self.encode_body, max_size)
+                    truncated += 1
+                messages.append(message)
+                newest = max(newest, entry.Time)
+        return messages, newest, truncated
+
+
+# ================================================================================================
+# Transports: one small class each for UDP, TCP and TLS
+# ================================================================================================
+
+SIOCOUTQ = 0x5411      # Linux ioctl: bytes in the send queue not yet acknowledged by the peer
+TCP_CLOSE_STATE = 7    # tcpi_state after a reset
+
+
+class StopRequested(Exception):
+    """The program is stopping: abandon the batch in hand (it stays unacknowledged in SLS)."""
+
+
+class UdpTransport:
+    """One datagram per message. UDP cannot confirm delivery: a send error is the only signal."""
+
+    def __init__(self, settings):
+        self.address = (settings.syslog_host, settings.syslog_port)
+        self.sock = None
+
+    def connect(self, stop):
+        family, kind, proto, _, address = socket.getaddrinfo(*self.address, type=socket.SOCK_DGRAM)[0]
+        self.sock = socket.socket(family, kind, proto)
+        self.sock.connect(address)  # a connected socket reports ICMP port-unreachable as ECONNREFUSED
+
+    def send(self, messages, stop):
+        send = self.sock.send
+        for message in messages:
+            send(message)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class TcpTransport:
+    """RFC 6587 syslog over one persistent TCP connection.
+
+    `send` returns only when the peer's TCP stack has acknowledged every byte (the kernel send
+    queue is empty), so a batch counts as delivered only once it really reached the receiver's
+    host; a connection closed or reset before that raises, and the caller sends the batch again."""
+
+    POLL = 0.5  # seconds between checks of the stop flag while blocked
+
+    def __init__(self, settings):
+        self.address = (settings.syslog_host, settings.syslog_port)
+        self.timeout = settings.syslog_timeout
+        self.octet_counting = settings.syslog_framing == "octet-counting"
+        self.sock = None
+
+    def open_socket(self):
+        sock = socket.create_connection(self.address, timeout=self.timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return sock
+
+    def connect(self, stop):
+        self.sock = self.open_socket()
+        self.sock.settimeout(self.POLL)
+
+    def frame(self, message):
+        return b"%d %s" % (len(message), message) if self.octet_counting else message + b"\n"
+
+    def send(self, messages, stop):
+        if self.peer_closed():
+            raise ConnectionError("the syslog server closed the connection")
+        data = memoryview(b"".join(map(self.frame, messages)))
+        deadline = time.monotonic() + self.timeout
+        while data:
+            try:
+                sent = self.sock.send(data[:1 << 20])
+            except (socket.timeout, ssl.SSLWantWriteError):
+                sent = 0
+            if sent:
+                data, deadline = data[sent:], time.monotonic() + self.timeout
+            self.check_progress(stop, deadline)
+        self.wait_until_acknowledged(stop)
+
+    def wait_until_acknowledged(self, stop):
+        """Block until the peer acknowledged everything sent, or raise if the connection broke."""
+        fd = self.sock.fileno()
+        pause, unacked = 0.0005, None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = struct.unpack("i", fcntl.ioctl(fd, SIOCOUTQ, b"\0\0\0\0"))[0]
+            if left == 0:
+                return
+            if self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE_STATE:
+                raise ConnectionResetError(errno.ECONNRESET, "connection reset before the syslog "
+                                                             f"server acknowledged {left} bytes")
+            if left != unacked:
+                unacked, deadline = left, time.monotonic() + self.timeout
+            self.check_progress(stop, deadline)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def check_progress(self, stop, deadline):
+        if stop.is_set():
+            raise StopRequested()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the syslog server accepted nothing for {self.timeout:g} s")
+
+    def peer_closed(self):
+        """True when the server has closed or reset an idle connection (so we reconnect first)."""
+        self.sock.setblocking(False)
+        try:
+            return self.sock.recv(4096) == b""
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        except OSError:
+            return True
+        finally:
+            self.sock.settimeout(self.POLL)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def tls_context(settings):
+    """Certificate and host-name verification on, TLS 1.2 or newer, optional client certificate."""
+    context = ssl.create_default_context(cafile=settings.syslog_ca_file or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.syslog_client_cert:
+        context.load_cert_chain(settings.syslog_client_cert, settings.syslog_client_key)
+    return context
+
+
+class TlsTransport(TcpTransport):
+    """RFC 5425: the TCP transport inside TLS (SNI and host-name check on; close_notify on close)."""
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.context = tls_context(settings)
+
+    def open_socket(self):
+        sock = super().open_socket()
+        try:
+            return self.context.wrap_socket(sock, server_hostname=self.address[0])
+        except BaseException:
+            sock.close()
+            raise
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self.sock.settimeout(1)
+                self.sock.unwrap()  # close_notify; many servers just close, which is fine
+            except (OSError, ValueError):
+                pass
+        super().close()
+
+
+TRANSPORTS = {"udp": UdpTransport, "tcp": TcpTransport, "tls": TlsTransport}
+
+
+class Delivery:
+    """Sends batches through one transport, shared by all shards of this process.
+
+    A failed send closes the connection, waits (capped exponential backoff with jitter), reconnects
+    and sends the whole batch again, for as long as it takes: the shard waits meanwhile, so nothing
+    is skipped. Only a stop request abandons a batch, which then stays unacknowledged in SLS."""
+
+    def __init__(self, settings, transport, stop, stats):
+        self.settings = settings
+        self.transport = transport
+        self.stop = stop
+        self.stats = stats
+        self.lock = threading.Lock()
+        self.connected = False
+
+    def deliver(self, messages):
+        """True once the transport accepted every message; False if the program is stopping."""
+        with self.lock:
+            failures = 0
+            while not self.stop.is_set():
+                try:
+                    if not self.connected:
+                        self.transport.connect(self.stop)
+                        self.connected = True
+                        if failures:
+                            log.info("reconnected to the syslog server %s:%d",
+                                     self.settings.syslog_host, self.settings.syslog_port)
+                    self.transport.send(messages, self.stop)
+                    if failures:
+                        self.stats.add(resent=len(messages))
+                    return True
+                except StopRequested:
+                    break
+                except (OSError, ssl.SSLError) as exc:
+                    failures += 1
+                    self.stats.add(send_errors=1)
+                    self.disconnect()
+                    delay = min(self.settings.syslog_retry_max_delay, 0.5 * 2 ** min(failures, 16))
+                    delay *= random.uniform(0.5, 1.0)
+                    log.warning("cannot send %d messages to %s:%d over %s (attempt %d): %s; "
+                                "retrying in %.1f s", len(messages), self.settings.syslog_host,
+                                self.settings.syslog_port, self.settings.syslog_protocol, failures,
+                                describe_error(exc), delay)
+                    self.stop.wait(delay)
+            self.disconnect()
+            return False
+
+    def disconnect(self):
+        if self.connected:
+            self.transport.close()
+        self.connected = False
+
+    def close(self):
+        with self.lock:
+            self.disconnect()
+
+
+def describe_error(exc):
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# ================================================================================================
+# The SDK consumer: a processor per shard, and the program's own statistics
+# ================================================================================================
+
+class Stats:
+    """Counters for the periodic statistics line (thread-safe)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.totals = dict(logs=0, bytes=0, send_errors=0, resent=0, truncated=0)
+        self.newest = {}  # shard -> time of the newest log sent
+        self.since = time.monotonic()
+        self.reported = dict(self.totals)
+
+    def add(self, **counts):
+        with self.lock:
+            for name, count in counts.items():
+                self.totals[name] += count
+
+    def sent(self, shard, messages, newest):
+        with self.lock:
+            self.totals["logs"] += len(messages)
+            self.totals["bytes"] += sum(map(len, messages))
+            self.newest[shard] = max(newest, self.newest.get(shard, 0))
+
+    def line(self):
+        with self.lock:
+            now = time.monotonic()
+            elapsed = max(now - self.since, 1e-9)
+            rate = {k: (self.totals[k] - self.reported[k]) / elapsed for k in ("logs", "bytes")}
+            lag = ",".join(f"{shard}:{max(0, int(time.time()) - t)}s" for shard, t in sorted(self.newest.items()))
+            self.since, self.reported = now, dict(self.totals)
+            t = self.totals
+            return (f"stats: {rate['logs']:.0f} logs/s, {rate['bytes']:.0f} bytes/s, total {t['logs']} logs, "
+                    f"lag {lag or '-'}, send errors {t['send_errors']}, resent {t['resent']}, "
+                    f"truncated {t['truncated']}")
+
+
+def make_processor_class():
+    """The ConsumerProcessorBase subclass, built here so the SDK is imported only when running."""
+    from aliyun.log.consumer import ConsumerProcessorBase
+    from aliyun.log.consumer.exceptions import CheckPointException
+
+    class WafLogProcessor(ConsumerProcessorBase):
+        """One per shard: encode a batch, deliver it, and only then move the checkpoint."""
+
+        def __init__(self, forwarder):
+            super().__init__()
+            self.forwarder = forwarder
+
+        def process(self, log_group_list, tracker):
+            forwarder = self.forwarder
+            messages, newest, truncated = forwarder.encoder.encode(log_group_list)
+            log.info("Get data from shard %d, log count: %d", self.shard_id, len(messages))
+            if truncated:
+                forwarder.stats.add(truncated=truncated)
+                log.warning("shard %d: %d logs were longer than SYSLOG_MAX_MESSAGE_SIZE=%d bytes; their "
+                            "longest values were cut", self.shard_id, truncated,
+                            forwarder.settings.syslog_max_message_size)
+            if not forwarder.send(messages):
+                # Stopping: roll back to the start of this batch so nothing past it is saved.
+                return tracker.get_check_point()
+            forwarder.stats.sent(self.shard_id, messages, newest)
+            log.info("Complete send data to remote")
+            if forwarder.save_checkpoints:
+                self.save_checkpoint(tracker)  # memory now, SLS at most every 3 s
+            return None
+
+        def shutdown(self, tracker):
+            # The SDK's default saves the cursor of the last batch *handed* to process(); the
+            # tracker's checkpoint here only ever moved past delivered batches, so flush that.
+            if not self.forwarder.save_checkpoints:
+                return
+            try:
+                tracker.flush_check_point()
+            except CheckPointException as exc:
+                log.error("shard %d: could not save the checkpoint at shutdown: %s "
+                          "(logs after the previous checkpoint will be sent again)", self.shard_id, exc)
+
+    return WafLogProcessor
+
+
+def make_consumer_client_class():
+    """The SDK's ConsumerClient with two fixes for a no-loss forwarder (SDK 0.9.52 behaviour):
+
+    * an expired checkpoint cursor (InvalidCursor) makes the SDK jump to the END of the shard,
+      skipping everything still retained; here it resumes from the oldest retained log instead,
+      and says loudly that the logs deleted by the logstore's retention are gone;
+    * a failed checkpoint write raised from the SDK's idle flush kills its worker thread while the
+      heartbeat keeps holding the shards; here the failure is logged, kept, and retried with the
+      next checkpoint write, so consumption goes on (at worst, a restart repeats some logs)."""
+    from aliyun.log.consumer.consumer_client import ConsumerClient
+    from aliyun.log.logexception import LogException
+
+    class ResilientConsumerClient(ConsumerClient):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.unsaved = {}  # shard -> (consumer, cursor) whose write failed
+            self.unsaved_lock = threading.Lock()
+            self.warned = RateLimiter(60)
+
+        def pull_logs(self, shard_id, cursor, **kwargs):
+            try:
+                return super().pull_logs(shard_id, cursor, **kwargs)
+            except LogException as exc:
+                if "invalidcursor" not in exc.get_error_code().lower():
+                    raise
+                begin = self.get_begin_cursor(shard_id)
+                if cursor_number(cursor) is not None and cursor_number(begin) is not None \
+                        and cursor_number(cursor) < cursor_number(begin):
+                    log.error("shard %d: the checkpoint cursor %s has expired (older than the oldest "
+                              "log the logstore retains); resuming from the oldest retained log %s. "
+                              "Logs between them were deleted by the logstore's retention and are "
+                              "lost.", shard_id, cursor, begin)
+                    return super().pull_logs(shard_id, begin, **kwargs)
+                log.error("shard %d: SLS rejected the cursor %s as invalid (%s); the SDK continues "
+                          "from the end of the shard, so logs between the checkpoint and the end may "
+                          "have been skipped", shard_id, cursor, exc.get_error_message())
+                raise
+
+        def update_check_point(self, shard, consumer, check_point):
+            try:
+                super().update_check_point(shard, consumer, check_point)
+            except LogException as exc:
+                with self.unsaved_lock:
+                    self.unsaved[shard] = (consumer, check_point)
+                if self.warned.ready("checkpoint"):
+                    log.warning("cannot save checkpoints in SLS (%s: %s); keeping them to retry "
+                                "with the next write", exc.get_error_code(), exc.get_error_message())
+                return
+            with self.unsaved_lock:
+                self.unsaved.pop(shard, None)
+                retry = list(self.unsaved.items())
+            for other, (other_consumer, other_cursor) in retry:
+                self.update_check_point(other, other_consumer, other_cursor)
+
+        def save_unsaved(self):
+            """One more attempt for every checkpoint whose write failed (called at exit)."""
+            with self.unsaved_lock:
+                retry = list(self.unsaved.items())
+            for shard, (consumer, cursor) in retry:
+                self.update_check_point(shard, consumer, cursor)
+            return not self.unsaved
+
+    return ResilientConsumerClient
+
+
+def cursor_number(cursor):
+    """SLS cursors are base64 of a decimal position; None for anything else."""
+    import base64
+    try:
+        return int(base64.b64decode(cursor.strip() + "=" * (-len(cursor.strip()) % 4)))
+    except (ValueError, TypeError):
+        return None
+
+
+class RateLimiter:
+    """Says yes to a given key at most once per interval: one log line per condition, not per request."""
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.last = {}
+
+    def ready(self, key):
+        now = time.monotonic()
+        if now - self.last.get(key, -self.interval) >= self.interval:
+            self.last[key] = now
+            return True
+        return False
+
+
+class SdkLogFilter(logging.Filter):
+    """Lets each distinct SDK message through once a minute, without its traceback."""
+
+    def __init__(self, interval=60):
+        super().__init__()
+        self.limiter = RateLimiter(interval)
+
+    def filter(self, record):
+        if not record.name.startswith("aliyun"):
+            return True
+        record.exc_info = record.exc_text = None
+        return self.limiter.ready((record.name, record.getMessage()[:80]))
+
+
+class Forwarder:
+    """Everything one consumer process shares across its shards."""
+
+    def __init__(self, settings, stop, save_checkpoints=True):
+        self.settings = settings
+        self.stop = stop
+        self.stats = Stats()
+        self.encoder = MessageEncoder(settings)
+        self.delivery = Delivery(settings, TRANSPORTS[settings.syslog_protocol](settings), stop, self.stats)
+        self.save_checkpoints = save_checkpoints
+
+    def send(self, messages):
+        return self.delivery.deliver(messages)
+
+
+def consumer_config(settings):
+    from aliyun.log.consumer import CursorPosition, LogHubConfig
+    start = settings.sls_cursor_start
+    position = {"begin": CursorPosition.BEGIN_CURSOR, "end": CursorPosition.END_CURSOR}.get(
+        start, CursorPosition.SPECIAL_TIMER_CURSOR)
+    return LogHubConfig(
+        settings.sls_endpoint, settings.sls_access_key_id, settings.sls_access_key_secret,
+        settings.sls_project, settings.sls_logstore, settings.sls_consumer_group,
+        settings.sls_consumer_name, cursor_position=position,
+        cursor_start_time=start if position == CursorPosition.SPECIAL_TIMER_CURSOR else None,
+        cursor_end_time=settings.sls_cursor_end or None,
+        heartbeat_interval=settings.sls_heartbeat_interval,
+        data_fetch_interval=settings.sls_fetch_interval,
+        max_fetch_log_group_size=settings.sls_max_fetch_groups,
+        worker_pool_size=settings.sls_worker_pool_size,
+        security_token=settings.sls_sts_token or None)
+
+
+# ================================================================================================
+# Program
+# ================================================================================================
+
+def run(settings):
+    """Consume until stopped; returns the exit status."""
+    from aliyun.log.consumer import ConsumerWorker
+    from aliyun.log.consumer.exceptions import ClientWorkerException
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    forwarder = Forwarder(settings, stop)
+    config = consumer_config(settings)
+    try:
+        worker = ConsumerWorker(make_processor_class(), config, args=(forwarder,))
+    except ClientWorkerException as exc:
+        log.error("cannot join consumer group %s of %s/%s: %s", settings.sls_consumer_group,
+                  settings.sls_project, settings.sls_logstore, exc)
+        return EXIT_FAILURE
+    # Shard consumers take their client from the worker when they start: give them the resilient one.
+    client = make_consumer_client_class()(
+        config.endpoint, config.accessKeyId, config.accessKey, config.project, config.logstore,
+        config.consumer_group_name, config.consumer_name, config.securityToken)
+    worker.consumer_client = client
+    log.info("*** start to consume data...")
+    log.info("consumer %s of group %s on %s/%s -> %s %s:%d", settings.sls_consumer_name,
+             settings.sls_consumer_group, settings.sls_project, settings.sls_logstore,
+             settings.syslog_protocol, settings.syslog_host, settings.syslog_port)
+    worker.start()
+    status = supervise(settings, worker, forwarder, stop)
+    log.info("stopping: saving the checkpoints of delivered logs and releasing the shards")
+    stop.set()
+    worker.shutdown()
+    worker.join()
+    forwarder.delivery.close()
+    if not client.save_unsaved():
+        log.error("some checkpoints could not be saved in SLS; their logs will be sent again next time")
+    if settings.stats_interval:
+        log.info(forwarder.stats.line())
+    log.info("stopped")
+    return status
+
+
+def supervise(settings, worker, forwarder, stop):
+    """Wait for a stop signal; watch the SDK's worker thread and print statistics meanwhile."""
+    next_stats = time.monotonic() + (settings.stats_interval or float("inf"))
+    while not stop.wait(0.5):
+        if not worker.is_alive():
+            if worker.shut_down_flag and settings.sls_cursor_end:
+                log.info("replay finished: every shard reached SLS_CURSOR_END")
+                return EXIT_OK
+            log.error("the SDK consumer thread stopped unexpectedly; exiting so a supervisor "
+                      "(systemd, cron, --workers) restarts the forwarder")
+            return EXIT_FAILURE
+        if time.monotonic() >= next_stats:
+            log.info(forwarder.stats.line())
+            next_stats += settings.stats_interval
+    return EXIT_OK
+
+
+def check(settings):
+    """--check: one verdict line per check; 0 when all pass, 1 otherwise."""
+    from aliyun.log import LogClient
+    from aliyun.log.logexception import LogException
+
+    results = []
+    client = LogClient(settings.sls_endpoint, settings.sls_access_key_id,
+                       settings.sls_access_key_secret, settings.sls_sts_token or None)
+    try:
+        shards = client.list_shards(settings.sls_project, settings.sls_logstore).get_shards_info()
+        groups = client.list_consumer_group(settings.sls_project, settings.sls_logstore).get_consumer_groups()
+        names = [g.get_consumer_group_name() for g in groups]
+        state = "exists" if settings.sls_consumer_group in names else "will be created"
+        results.append((True, f"SLS {settings.sls_project}/{settings.sls_logstore}: {len(shards)} shards, "
+                              f"consumer group {settings.sls_consumer_group} {state}"))
+    except LogException as exc:
+        results.append((False, f"SLS {settings.sls_project}/{settings.sls_logstore}: "
+                               f"{exc.get_error_code()}: {exc.get_error_message()}"))
+    transport = TRANSPORTS[settings.syslog_protocol](settings)
+    target = f"syslog {settings.syslog_protocol}://{settings.syslog_host}:{settings.syslog_port}"
+    try:
+        transport.connect(threading.Event())
+        results.append((True, f"{target}: connected" + (" (TLS handshake and certificate verified)"
+                                                        if settings.syslog_protocol == "tls" else "")))
+    except (OSError, ssl.SSLError) as exc:
+        results.append((False, f"{target}: {describe_error(exc)}"))
+    finally:
+        transport.close()
+    for ok, text in results:
+        print(f"{'OK  ' if ok else 'FAIL'} {text}", flush=True)
+    return EXIT_OK if all(ok for ok, _ in results) else EXIT_FAILURE
+
+
+def dry_run(settings):
+    """--dry-run: print the next messages of every shard (from the group's checkpoints, or from
+    SLS_CURSOR_START) up to the current end of each shard; join no group, save nothing."""
+    from aliyun.log import LogClient
+    from aliyun.log.logexception import LogException
+
+    client = LogClient(settings.sls_endpoint, settings.sls_access_key_id,
+                       settings.sls_access_key_secret, settings.sls_sts_token or None)
+    encoder = MessageEncoder(settings)
+    project, logstore = settings.sls_project, settings.sls_logstore
+    try:
+        checkpoints = {}
+        try:
+            for item in client.get_check_point(project, logstore, settings.sls_consumer_group) \
+                    .get_consumer_group_check_points() or []:
+                checkpoints[item["shard"]] = item["checkpoint"]
+        except LogException as exc:
+            if exc.get_error_code() != "ConsumerGroupNotExist":
+                raise
+        for shard in client.list_shards(project, logstore).get_shards_info():
+            shard_id = shard["shardID"]
+            cursor = checkpoints.get(shard_id) or client.get_cursor(
+                project, logstore, shard_id, settings.sls_cursor_start).get_cursor()
+            end = client.get_cursor(project, logstore, shard_id,
+                                    settings.sls_cursor_end or "end").get_cursor()
+            while cursor != end:
+                response = client.pull_logs(project, logstore, shard_id, cursor,
+                                            count=settings.sls_max_fetch_groups, end_cursor=end)
+                messages = encoder.encode(response.get_loggroup_list())[0]
+                for message in messages:
+                    sys.stdout.buffer.write(message + b"\n")
+                if response.get_next_cursor() == cursor:
+                    break
+                cursor = response.get_next_cursor()
+        sys.stdout.flush()
+    except LogException as exc:
+        log.error("SLS: %s: %s", exc.get_error_code(), exc.get_error_message())
+        return EXIT_FAILURE
+    except BrokenPipeError:  # e.g. `| head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
+def acquire_lock(path):
+    """An exclusive lock held for the life of the process; the pid of the holder if taken."""
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        return None, holder
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle, None
+
+
+def setup_logging(settings):
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if settings.log_file:
+        handlers.append(logging.FileHandler(settings.log_file))
+    logging.basicConfig(level=settings.log_level, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    # The SDK is chatty at INFO and repeats each failing request: keep its warnings, once a minute.
+    logging.getLogger("aliyun").setLevel(logging.WARNING)
+    sdk_filter = SdkLogFilter()
+    for handler in handlers:
+        handler.addFilter(sdk_filter)
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(
+        prog="sync_waf_to_syslog.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="check the settings, SLS access and the syslog connection, then exit")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print the messages that would be sent next to stdout; send and save nothing")
+    parser.add_argument("--env-file", metavar="PATH",
+                        help="read settings from this file (default: .env beside this script)")
+    parser.add_argument("--lock-file", metavar="PATH", help="lock file path (SYNC_LOCK_FILE)")
+    parser.add_argument("--stats-interval", metavar="SECONDS", type=float,
+                        help="seconds between statistics lines, 0 = off (SYNC_STATS_INTERVAL)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    env_file = args.env_file or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env")
+    if args.env_file and not os.access(env_file, os.R_OK):
+        print(f"--env-file: cannot read file {env_file!r}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    environment = load_env_file(env_file, os.environ) if os.path.exists(env_file) else dict(os.environ)
+    try:
+        settings = Settings.from_environment(
+            environment, {"lock_file": args.lock_file, "stats_interval": args.stats_interval})
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"setting error: {problem}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    setup_logging(settings)
+    if args.check:
+        return check(settings)
+    if args.dry_run:
+        return dry_run(settings)
+    lock, holder = acquire_lock(settings.lock_file)
+    if lock is None:
+        print(f"another instance is running (pid {holder}) for consumer {settings.sls_consumer_name}; "
+              f"lock {settings.lock_file}", file=sys.stderr)
+        return EXIT_OK
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
