@@ -33,18 +33,21 @@ def forwarder_env(emulator, *, host="127.0.0.1", port, protocol="tcp", **setting
 class ForwarderProcess:
     """`with ForwarderProcess(env, workdir) as fwd:` starts the forwarder; leaving stops it."""
 
-    def __init__(self, env, workdir, args=()):
+    def __init__(self, env, workdir, args=(), python_args=None):
+        """`python_args` replaces the script path, e.g. ["-c", code] to run it in a changed
+        interpreter; `args` are the forwarder's own arguments."""
         self.env = dict(env)
         self.env.setdefault("SYNC_LOCK_FILE", str(Path(workdir) / f"lock-{self.env['SLS_CONSUMER_NAME']}"))
         self.workdir = Path(workdir)
         self.args = list(args)
+        self.python_args = list(python_args or [str(SCRIPT)])
         self.process = None
         self.stdout_path = self.workdir / f"forwarder-{id(self)}.out"
         self.stderr_path = self.workdir / f"forwarder-{id(self)}.err"
 
     def start(self):
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen([sys.executable, str(SCRIPT), *self.args], env=self.env,
+            self.process = subprocess.Popen([sys.executable, *self.python_args, *self.args], env=self.env,
                                             stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                             cwd=self.workdir)
         return self

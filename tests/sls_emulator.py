@@ -1,0 +1,1240 @@
+"""A local Alibaba Cloud Log Service (SLS) emulator that the unmodified SDK cannot tell from SLS.
+
+It speaks the SLS REST wire protocol (../shared/sls-wire-protocol.md) for one project with one
+logstore: PutLogs, ListShards, GetCursor, GetCursorTime, PullLogs, consumer groups (create /
+update / list / delete, heartbeat with shard balancing and consumer expiry, checkpoints), with
+v1 and v4 signature verification, SLS-format errors, fault injection and state inspection.
+
+Running it
+----------
+    python tests/sls_emulator.py --port 0 --project NAME --logstore NAME --shards N \\
+        --access-key-id ID --access-key-secret SECRET [--load FILE.jsonl ...] [--group-size N]
+
+The first stdout line (flushed) is `SLS_EMULATOR_ADDR=127.0.0.1:PORT`. It serves until SIGTERM or
+SIGINT and then exits 0. Clients reach it through an HTTP proxy setting, so no DNS or root is
+needed: `HTTP_PROXY=http://127.0.0.1:PORT` with a fake endpoint such as `http://sls.emulator.test`
+(NO_PROXY must not match that host). The project is the first label of the `Host` header.
+
+Log format (--load, POST /_emulator/logs, add_logs)
+---------------------------------------------------
+One JSON object per line, every value a string. `__time__` becomes Log.Time (now if absent),
+`__time_ns_part__` Log.Time_ns, `__topic__` / `__source__` the LogGroup Topic / Source,
+`__tag__:K` the LogGroup tag K; every other key is a content field, in file order. Consecutive
+logs with the same topic, source and tags share a LogGroup (at most --group-size logs, default
+100); LogGroups go to the shards round-robin.
+Invalid UTF-8 extension: strings are encoded with `surrogateescape`, so a lone surrogate
+U+DC80..U+DCFF (JSON `"\\udcff"`, or a raw invalid byte in a --load file) is stored as the raw byte
+0x80..0xFF. That is how tests express invalid UTF-8 in JSONL.
+Receive time (what GetCursor with a unix time and GetCursorTime use): --load treats the file as
+history, so a LogGroup counts as received at its first log's `__time__`; logs put over HTTP
+(PutLogs or POST /_emulator/logs) are received now. Receive times never decrease within a shard.
+
+Admin routes (origin-form, no signature; call them without the proxy)
+----------------------------------------------------------------------
+GET    /_emulator/state   JSON: {"project", "logstores": {LOGSTORE: {"shards": {"0": {
+                          "begin_cursor", "end_cursor", "logs", "groups", "expired_logs"}},
+                          "consumer_groups": {CG: {"timeout", "order", "consumers": {NAME: [shard]},
+                          "heartbeats": {NAME: {"seconds_ago", "listed", "releasing"}}, "checkpoints": {"0": C},
+                          "checkpoint_consumers": {"0": NAME}}}}}, "requests": {op: n},
+                          "errors": {errorCode: n}, "faults": [fault...]}
+                          ("logs" counts the logs between the begin and end cursors.)
+POST   /_emulator/faults  body: one fault object or a list of them; answers {"faults": [...]}.
+DELETE /_emulator/faults  removes every fault.
+POST   /_emulator/logs    body: JSONL as above, received now; answers {"logs": n, "groups": g}.
+POST   /_emulator/expire  body {"shard": N, "groups": K}: the TTL drops the shard's K oldest
+                          LogGroups (the begin cursor moves), so older cursors become InvalidCursor.
+
+A fault object (every key but "op" optional):
+    {"op": "pull|heartbeat|checkpoint|get_checkpoint|cursor|cursor_time|put|list_shards|
+            list_cg|create_cg|update_cg|delete_cg|any",
+     "action": "error" (default) | "invalid_cursor" (400 InvalidCursor) | "drop" (close the
+               connection without an answer; the SDK reports LogRequestError and does NOT retry)
+               | "delay" (only the latency, then the normal answer),
+     "status": 500, "errorCode": "InternalServerError", "errorMessage": "...",  (for "error")
+     "latency": seconds to wait before acting,
+     "count": apply to the next N matching requests only,
+     "fraction": apply to this share of matching requests, deterministically (0.25 = every 4th),
+     "shard": only requests naming this shard (pull, cursor, cursor_time, checkpoint,
+              get_checkpoint), "consumer": only requests with this consumer (heartbeat, checkpoint),
+     "duration": seconds after which the fault is inactive}
+The first active matching fault applies, after the signature check. Remember that the SDK
+retries 5xx answers 10 times, 1 s apart.
+
+Python API (tests and benchmarks)
+---------------------------------
+SlsEmulator(project, logstore, shards, access_key_id, access_key_secret, port=0, group_size=100):
+    in-process server; start() / stop() / context manager, .port, .addr, .endpoint,
+    .client_env(), add_logs(logs, receive_time=None), load_logs(logs), state(), inject(**fault),
+    clear_faults(), expire(shard, groups).
+EmulatorProcess(...): the CLI in a subprocess, same client-side methods through the admin routes.
+log_client(emulator, ...): a real `aliyun.log.LogClient` for it (the proxy comes from the
+    environment: apply `emulator.client_env()` to os.environ first).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import bisect
+import hashlib
+import hmac
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.request
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterable, Optional
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import lz4.block
+
+ADDR_LINE_PREFIX = "SLS_EMULATOR_ADDR="
+FAKE_ENDPOINT = "http://sls.emulator.test"
+
+# Cursors are base64 of a decimal integer, one integer per LogGroup (19 digits, like SLS). Each
+# shard gets its own range, so a cursor used on the wrong shard is an InvalidCursor.
+CURSOR_BASE = 1_700_000_000_000_000_000
+SHARD_CURSOR_STRIDE = 10 ** 12
+MAX_PULL_COUNT = 1000
+# A PullLogs answer stops early past this much raw protobuf (always at least one LogGroup), as
+# SLS caps its answers too; clients follow the next cursor either way.
+MAX_PULL_RAW_BYTES = 10 * 1024 * 1024
+HASH_KEY_SPACE = 1 << 128
+
+FAULT_OPS = ("pull", "heartbeat", "checkpoint", "get_checkpoint", "cursor", "cursor_time", "put",
+             "list_shards", "list_cg", "create_cg", "update_cg", "delete_cg", "any")
+FAULT_ACTIONS = ("error", "invalid_cursor", "drop", "delay")
+
+
+class SlsError(Exception):
+    """An SLS error answer: HTTP status plus JSON errorCode / errorMessage."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+# ---------------------------------------------------------------------------------------------
+# Protobuf (LogGroup / LogGroupList, proto2; see §6), written and scanned by hand so the emulator
+# does not share the SDK's serialisation code it is testing.
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _encode_log(log_time: int, time_ns: Optional[int], contents: list) -> bytes:
+    parts = [b"\x08", _varint(log_time)]  # Time = 1, varint
+    for key, value in contents:
+        parts.append(_length_delimited(2, _length_delimited(1, key) + _length_delimited(2, value)))
+    if time_ns is not None:
+        parts.append(b"\x25" + time_ns.to_bytes(4, "little"))  # Time_ns = 4, fixed32
+    return b"".join(parts)
+
+
+def _encode_log_group(logs: list, topic: Optional[bytes], source: Optional[bytes],
+                      tags: tuple) -> bytes:
+    parts = [_length_delimited(1, log) for log in logs]
+    if topic is not None:
+        parts.append(_length_delimited(3, topic))
+    if source is not None:
+        parts.append(_length_delimited(4, source))
+    for key, value in tags:
+        parts.append(_length_delimited(6, _length_delimited(1, key) + _length_delimited(2, value)))
+    return b"".join(parts)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def count_logs(log_group: bytes) -> int:
+    """Number of Logs in a serialized LogGroup; ValueError if it is not well-formed protobuf."""
+    logs = pos = 0
+    while pos < len(log_group):
+        key, pos = _read_varint(log_group, pos)
+        wire_type = key & 7
+        if wire_type == 0:
+            _, pos = _read_varint(log_group, pos)
+        elif wire_type == 2:
+            length, pos = _read_varint(log_group, pos)
+            pos += length
+            if key >> 3 == 1:  # LogGroup.Logs
+                logs += 1
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        if pos > len(log_group):
+            raise ValueError("field runs past the end")
+    return logs
+
+
+def _frame(log_group: bytes) -> bytes:
+    """The LogGroup as one `LogGroups` entry of a LogGroupList, so answers are concatenations."""
+    return b"\x0a" + _varint(len(log_group)) + log_group
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs as dicts of strings (JSONL) -> serialized LogGroups.
+
+@dataclass
+class EncodedGroup:
+    raw: bytes          # serialized LogGroup
+    log_count: int
+    first_time: int     # __time__ of its first log: the receive time when loaded as history
+
+
+def _wire(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")  # lone U+DC80..U+DCFF -> raw 0x80..0xFF
+
+
+def encode_log_groups(logs: Iterable[dict], group_size: int) -> list:
+    """Group consecutive logs with equal topic/source/tags (up to group_size) into LogGroups."""
+    groups = []
+    current_key, current_logs, first_time = None, [], 0
+
+    def close_group():
+        if current_logs:
+            topic, source, tags = current_key
+            groups.append(EncodedGroup(_encode_log_group(current_logs, topic, source, tags),
+                                       len(current_logs), first_time))
+
+    for number, log in enumerate(logs, 1):
+        try:
+            log_time, time_ns, key, contents = _split_log(log)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"log {number}: {exc}") from None
+        if key != current_key or len(current_logs) >= group_size:
+            close_group()
+            current_key, current_logs, first_time = key, [], log_time
+        current_logs.append(_encode_log(log_time, time_ns, contents))
+    close_group()
+    return groups
+
+
+def _split_log(log: dict) -> tuple:
+    if not isinstance(log, dict):
+        raise TypeError("a log must be a JSON object")
+    log_time, time_ns, topic, source, tags, contents = int(time.time()), None, None, None, [], []
+    for key, value in log.items():
+        if not isinstance(value, str):
+            raise TypeError(f"value of {key!r} must be a string, not {type(value).__name__}")
+        if key == "__time__":
+            log_time = _unsigned(key, value, 2 ** 32 - 1)
+        elif key == "__time_ns_part__":
+            time_ns = _unsigned(key, value, 999_999_999)
+        elif key == "__topic__":
+            topic = _wire(value)
+        elif key == "__source__":
+            source = _wire(value)
+        elif key.startswith("__tag__:"):
+            tags.append((_wire(key[len("__tag__:"):]), _wire(value)))
+        else:
+            contents.append((_wire(key), _wire(value)))
+    return log_time, time_ns, (topic, source, tuple(tags)), contents
+
+
+def _unsigned(key: str, value: str, maximum: int) -> int:
+    if not value.isdigit() or int(value) > maximum:
+        raise ValueError(f"{key} must be an integer from 0 to {maximum}, got {value!r}")
+    return int(value)
+
+
+def parse_jsonl(text: str, origin: str) -> list:
+    """The logs of a JSONL text (blank lines ignored); errors name origin and line number."""
+    logs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                logs.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{origin}:{number}: {exc}") from None
+    return logs
+
+
+def read_jsonl_file(path: str) -> list:
+    # surrogateescape: raw invalid UTF-8 bytes in the file survive as the same bytes on the wire.
+    with open(path, encoding="utf-8", errors="surrogateescape") as source:
+        return parse_jsonl(source.read(), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cursors.
+
+def encode_cursor(shard_id: int, index: int) -> str:
+    return base64.b64encode(str(CURSOR_BASE + shard_id * SHARD_CURSOR_STRIDE + index).encode()).decode()
+
+
+def _cursor_number(cursor: str) -> int:
+    """The integer inside a cursor; SlsError InvalidCursor if it is not base64 of digits."""
+    text = cursor.strip()
+    try:
+        digits = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        if digits.isdigit():
+            return int(digits)
+    except ValueError:
+        pass
+    raise SlsError(400, "InvalidCursor", f"cursor {cursor!r} is not a valid cursor")
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage and consumer-group state (all guarded by the service lock).
+
+class Shard:
+    """One shard: an append-only list of framed LogGroups, indexed by cursor position."""
+
+    def __init__(self, shard_id: int, count: int):
+        self.id = shard_id
+        self.begin_key = shard_id * HASH_KEY_SPACE // count
+        self.end_key = (shard_id + 1) * HASH_KEY_SPACE // count
+        self.create_time = int(time.time())
+        self.frames: list = []          # _frame(LogGroup) per cursor position
+        self.receive_times: list = []   # non-decreasing
+        self.log_totals = [0]           # log_totals[i] = logs in LogGroups [0, i)
+        self.begin = 0                  # first retained position (moved by the TTL)
+
+    @property
+    def end(self) -> int:
+        return len(self.frames)
+
+    def append(self, log_group: bytes, log_count: int, receive_time: float):
+        self.frames.append(_frame(log_group))
+        last = self.receive_times[-1] if self.receive_times else receive_time
+        self.receive_times.append(max(last, receive_time))
+        self.log_totals.append(self.log_totals[-1] + log_count)
+
+    def cursor(self, index: int) -> str:
+        return encode_cursor(self.id, index)
+
+    def index(self, cursor: str) -> int:
+        """Position of a cursor in [begin, end]; SlsError InvalidCursor otherwise."""
+        index = _cursor_number(cursor) - CURSOR_BASE - self.id * SHARD_CURSOR_STRIDE
+        if not self.begin <= index <= self.end:
+            raise SlsError(400, "InvalidCursor",
+                           f"cursor {cursor.strip()} is out of range for shard {self.id}")
+        return index
+
+    def index_at(self, unix_time: int) -> int:
+        """First retained LogGroup received at or after unix_time (end if none)."""
+        return max(self.begin, bisect.bisect_left(self.receive_times, unix_time))
+
+    def describe(self) -> dict:
+        return {
+            "begin_cursor": self.cursor(self.begin),
+            "end_cursor": self.cursor(self.end),
+            "logs": self.log_totals[self.end] - self.log_totals[self.begin],
+            "groups": self.end - self.begin,
+            "expired_logs": self.log_totals[self.begin],
+        }
+
+    def listing(self) -> dict:
+        return {"shardID": self.id, "status": "readwrite",
+                "inclusiveBeginKey": f"{self.begin_key:032x}",
+                "exclusiveEndKey": f"{min(self.end_key, HASH_KEY_SPACE - 1):032x}",
+                "createTime": self.create_time}
+
+
+@dataclass
+class Consumer:
+    name: str
+    last_seen: float
+    listed: set = field(default_factory=set)     # shards in its last heartbeat body
+    held: set = field(default_factory=set)       # shards the server assigns to it
+    releasing: set = field(default_factory=set)  # taken from it, maybe still being consumed
+
+
+@dataclass
+class Checkpoint:
+    cursor: str
+    consumer: str
+    update_time_us: int
+
+
+class ConsumerGroup:
+    def __init__(self, name: str, timeout: int, order: bool):
+        self.name, self.timeout, self.order = name, timeout, order
+        self.consumers: dict = {}
+        self.checkpoints: dict = {}
+
+    def heartbeat(self, name: str, listed: set, shard_ids: list, now: float) -> list:
+        consumer = self.consumers.setdefault(name, Consumer(name, now))
+        consumer.last_seen, consumer.listed = now, listed
+        consumer.releasing &= listed  # a shard no longer listed has drained (checkpoint saved)
+        self.expire_consumers(now)
+        self._rebalance(consumer, shard_ids)
+        return sorted(consumer.held)
+
+    def expire_consumers(self, now: float):
+        for name in [name for name, c in self.consumers.items() if now - c.last_seen > self.timeout]:
+            del self.consumers[name]
+
+    def _rebalance(self, caller: Consumer, shard_ids: list):
+        """Even split. Consumers holding more keep the larger quotas, so few shards move.
+        Over-quota consumers lose shards at once (they learn it on their next heartbeat), but
+        only the heartbeating consumer gains shards, and never one that another live consumer
+        may still be consuming: one it lists or has not yet confirmed releasing."""
+        consumers = sorted(self.consumers.values(), key=lambda c: (-len(c.held), c.name))
+        base, extra = divmod(len(shard_ids), len(consumers))
+        quota = {c.name: base + (i < extra) for i, c in enumerate(consumers)}
+        for c in consumers:
+            kept = set(sorted(c.held)[:quota[c.name]])
+            c.releasing |= c.held - kept
+            c.held = kept
+        owned = set().union(*(c.held for c in consumers))
+        busy_elsewhere = set().union(*(c.listed | c.releasing for c in consumers if c is not caller))
+        for shard in shard_ids:
+            if len(caller.held) >= quota[caller.name]:
+                break
+            if shard not in owned and shard not in busy_elsewhere:
+                caller.held.add(shard)
+
+    def describe(self, now: float) -> dict:
+        return {
+            "timeout": self.timeout,
+            "order": self.order,
+            "consumers": {name: sorted(c.held) for name, c in sorted(self.consumers.items())},
+            "heartbeats": {name: {"seconds_ago": round(now - c.last_seen, 3),
+                                  "listed": sorted(c.listed), "releasing": sorted(c.releasing)}
+                           for name, c in sorted(self.consumers.items())},
+            "checkpoints": {str(s): cp.cursor for s, cp in sorted(self.checkpoints.items())},
+            "checkpoint_consumers": {str(s): cp.consumer
+                                     for s, cp in sorted(self.checkpoints.items())},
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection.
+
+@dataclass
+class Fault:
+    id: int
+    op: str
+    action: str
+    status: int
+    error_code: str
+    error_message: str
+    latency: float
+    count: Optional[int]
+    fraction: Optional[float]
+    shard: Optional[int]
+    consumer: Optional[str]
+    expires_at: Optional[float]
+    matched: int = 0   # matching requests seen while active
+    applied: int = 0
+
+    SPEC_KEYS = {"op", "action", "status", "errorCode", "errorMessage", "latency", "count",
+                 "fraction", "shard", "consumer", "duration"}
+
+    @classmethod
+    def from_spec(cls, spec: dict, fault_id: int, now: float) -> "Fault":
+        if not isinstance(spec, dict):
+            raise ValueError("a fault must be a JSON object")
+        unknown = set(spec) - cls.SPEC_KEYS
+        if unknown:
+            raise ValueError(f"unknown fault keys {sorted(unknown)}; allowed: {sorted(cls.SPEC_KEYS)}")
+        op, action = spec.get("op"), spec.get("action", "error")
+        if op not in FAULT_OPS:
+            raise ValueError(f"op must be one of {FAULT_OPS}, got {op!r}")
+        if action not in FAULT_ACTIONS:
+            raise ValueError(f"action must be one of {FAULT_ACTIONS}, got {action!r}")
+        defaults = ((400, "InvalidCursor", "cursor is invalid (injected fault)")
+                    if action == "invalid_cursor"
+                    else (500, "InternalServerError", "injected fault"))
+        status = spec.get("status", defaults[0])
+        if not isinstance(status, int) or not 300 <= status <= 599:
+            raise ValueError(f"status must be an int from 300 to 599, got {status!r}")
+        fraction = spec.get("fraction")
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        count = spec.get("count")
+        if count is not None and (not isinstance(count, int) or count < 0):
+            raise ValueError(f"count must be a non-negative int, got {count!r}")
+        duration = spec.get("duration")
+        return cls(id=fault_id, op=op, action=action, status=status,
+                   error_code=str(spec.get("errorCode", defaults[1])),
+                   error_message=str(spec.get("errorMessage", defaults[2])),
+                   latency=float(spec.get("latency", 0)), count=count, fraction=fraction,
+                   shard=spec.get("shard"), consumer=spec.get("consumer"),
+                   expires_at=None if duration is None else now + float(duration))
+
+    def active(self, now: float) -> bool:
+        return ((self.count is None or self.applied < self.count)
+                and (self.expires_at is None or now < self.expires_at))
+
+    def matches(self, op: str, shard: Optional[int], consumer: Optional[str]) -> bool:
+        return (self.op in ("any", op)
+                and (self.shard is None or self.shard == shard)
+                and (self.consumer is None or self.consumer == consumer))
+
+    def take(self) -> bool:
+        """Count a matching request; True if the fault applies to it."""
+        self.matched += 1
+        if self.fraction is not None and \
+                int(self.matched * self.fraction) == int((self.matched - 1) * self.fraction):
+            return False
+        self.applied += 1
+        return True
+
+    def describe(self, now: float) -> dict:
+        return {"id": self.id, "op": self.op, "action": self.action, "status": self.status,
+                "errorCode": self.error_code, "errorMessage": self.error_message,
+                "latency": self.latency, "count": self.count, "fraction": self.fraction,
+                "shard": self.shard, "consumer": self.consumer,
+                "seconds_left": None if self.expires_at is None else round(self.expires_at - now, 3),
+                "active": self.active(now), "matched": self.matched, "applied": self.applied}
+
+
+# ---------------------------------------------------------------------------------------------
+# The service: the SLS protocol on top of the state, independent of the HTTP transport.
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    headers: dict = field(default_factory=dict)
+    drop: bool = False  # close the connection without answering
+
+    @classmethod
+    def json(cls, value, status: int = 200) -> "Reply":
+        return cls(status, json.dumps(value).encode(), {"Content-Type": "application/json"})
+
+
+@dataclass
+class Route:
+    op: str
+    handler: Callable
+    shard: Optional[str] = None
+    group: Optional[str] = None
+
+
+def _is_signed_header(lower_name: str) -> bool:
+    return lower_name.startswith("x-acs-") or (
+        lower_name.startswith("x-log-") and not lower_name.startswith("x-log-meta-"))
+
+
+def _hmac(key: bytes, message: str, digest) -> bytes:
+    return hmac.new(key, message.encode(), digest).digest()
+
+
+class SlsService:
+    """One SLS project with one logstore of `shards` shards, checked against one AccessKey pair."""
+
+    def __init__(self, project: str, logstore: str, shards: int, access_key_id: str,
+                 access_key_secret: str, group_size: int = 100):
+        if shards < 1 or group_size < 1:
+            raise ValueError("shards and group_size must be at least 1")
+        self.project, self.logstore = project, logstore
+        self.access_key_id, self.access_key_secret = access_key_id, access_key_secret
+        self.group_size = group_size
+        self._lock = threading.Lock()
+        self._shards = [Shard(i, shards) for i in range(shards)]
+        self._groups: dict = {}
+        self._faults: list = []
+        self._next_fault_id = 1
+        self._next_lb_shard = 0
+        self._request_counts: dict = {}
+        self._error_counts: dict = {}
+
+    # -- entry point ----------------------------------------------------------------------
+
+    def handle(self, method: str, target: str, headers, body: bytes) -> Reply:
+        """Answer one HTTP request. `target` may be origin-form or absolute-form (proxy)."""
+        url = urlsplit(target)
+        path = unquote(url.path)
+        query = parse_qsl(url.query, keep_blank_values=True)
+        try:
+            if path.startswith("/_emulator/"):
+                reply = self._admin(method, path, body)
+            else:
+                reply = self._sls(method, path, query, headers, body)
+        except SlsError as error:
+            with self._lock:
+                self._error_counts[error.code] = self._error_counts.get(error.code, 0) + 1
+            reply = Reply.json({"errorCode": error.code, "errorMessage": error.message},
+                               error.status)
+        except Exception as exc:  # a bug here must look like a server error, not hang the client
+            traceback.print_exc()
+            reply = Reply.json({"errorCode": "InternalServerError", "errorMessage": repr(exc)}, 500)
+        reply.headers["x-log-requestid"] = uuid.uuid4().hex[:24].upper()
+        return reply
+
+    def _sls(self, method: str, path: str, query: list, headers, body: bytes) -> Reply:
+        params = dict(query)
+        route = self._route(method, path, params)
+        with self._lock:
+            self._request_counts[route.op] = self._request_counts.get(route.op, 0) + 1
+        host = (headers.get("Host") or "").split(":")[0]
+        if host.split(".")[0] != self.project:
+            raise SlsError(404, "ProjectNotExist", f"The Project does not exist : {host.split('.')[0]}")
+        self._authenticate(method, path, query, headers, body)
+        fault = self._take_fault(route, params, body)
+        if fault is not None:
+            time.sleep(fault.latency)
+            if fault.action == "drop":
+                return Reply(drop=True)
+            if fault.action != "delay":
+                raise SlsError(fault.status, fault.error_code, fault.error_message)
+        return route.handler(route, params, headers, body)
+
+    # (collection, names an item, method, type or None when type is ignored) -> op
+    _ROUTES = {
+        ("shards", False, "GET", None): "list_shards",
+        ("shards", True, "GET", "cursor"): "cursor",
+        ("shards", True, "GET", "cursor_time"): "cursor_time",
+        ("shards", True, "GET", "log"): "pull",
+        ("shards", True, "GET", "logs"): "pull",  # the spelling in the public docs
+        ("shards", True, "POST", None): "put",
+        ("consumergroups", False, "GET", None): "list_cg",
+        ("consumergroups", False, "POST", None): "create_cg",
+        ("consumergroups", True, "PUT", None): "update_cg",
+        ("consumergroups", True, "DELETE", None): "delete_cg",
+        ("consumergroups", True, "POST", "heartbeat"): "heartbeat",
+        ("consumergroups", True, "POST", "checkpoint"): "checkpoint",
+        ("consumergroups", True, "GET", None): "get_checkpoint",
+    }
+
+    def _route(self, method: str, path: str, params: dict) -> Route:
+        parts = path.strip("/").split("/")
+        if len(parts) not in (3, 4) or parts[0] != "logstores":
+            raise SlsError(404, "RequestNotSupported", f"{method} {path} is not supported")
+        if parts[1] != self.logstore:
+            raise SlsError(404, "LogStoreNotExist", f"logstore {parts[1]} does not exist")
+        collection, name = parts[2], (parts[3] if len(parts) == 4 else None)
+        key = (collection, name is not None, method)
+        op = self._ROUTES.get(key + (params.get("type"),)) or self._ROUTES.get(key + (None,))
+        if op is None or (op == "put" and name not in ("lb", "route")):
+            raise SlsError(400, "ParameterInvalid",
+                           f"{method} {path} with type={params.get('type')!r} is not supported")
+        return Route(op, getattr(self, "_op_" + op), shard=name if collection == "shards" else None,
+                     group=name if collection == "consumergroups" else None)
+
+    # -- signatures (§3) ------------------------------------------------------------------
+
+    def _authenticate(self, method: str, path: str, query: list, headers, body: bytes):
+        authorization = headers.get("Authorization") or ""
+        if authorization.startswith("LOG "):
+            self._check_v1(authorization, method, path, query, headers, body)
+        elif authorization.startswith("SLS4-HMAC-SHA256 "):
+            self._check_v4(authorization, method, path, query, headers, body)
+        else:
+            raise SlsError(401, "Unauthorized", "the request is not signed (no LOG or SLS4 Authorization)")
+
+    def _secret(self, access_key_id: str) -> bytes:
+        if access_key_id != self.access_key_id:
+            raise SlsError(401, "Unauthorized", f"AccessKeyId {access_key_id!r} is not found")
+        return self.access_key_secret.encode()
+
+    def _check_v1(self, authorization, method, path, query, headers, body):
+        access_key_id, _, signature = authorization[len("LOG "):].partition(":")
+        secret = self._secret(access_key_id)
+        content_md5 = headers.get("Content-MD5") or ""
+        if body and content_md5 != hashlib.md5(body).hexdigest().upper():
+            raise SlsError(400, "ParameterInvalid", "Content-MD5 does not match the body")
+        signed_headers = sorted((name.lower(), value) for name, value in headers.items()
+                                if _is_signed_header(name.lower()) and name.lower() != "x-log-date")
+        resource = path
+        if query:
+            resource += "?" + "&".join(f"{k}={v}" for k, v in sorted(query))
+        string_to_sign = "\n".join([method, content_md5, headers.get("Content-Type") or "",
+                                    headers.get("Date") or ""]) + "\n" \
+            + "".join(f"{name}:{value}\n" for name, value in signed_headers) + resource
+        expected = base64.b64encode(_hmac(secret, string_to_sign, hashlib.sha1)).decode()
+        if not hmac.compare_digest(expected, signature):
+            raise SlsError(403, "SignatureNotMatch",
+                           f"signature {signature} not match, string to sign {string_to_sign!r}")
+
+    def _check_v4(self, authorization, method, path, query, headers, body):
+        match = re.fullmatch(r"SLS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]*)/sls/"
+                             r"aliyun_v4_request,\s*Signature=([0-9a-f]+)", authorization)
+        if match is None:
+            raise SlsError(401, "Unauthorized", "malformed SLS4-HMAC-SHA256 Authorization")
+        access_key_id, date, region, signature = match.groups()
+        secret = self._secret(access_key_id)
+        payload_hash = headers.get("x-log-content-sha256") or ""
+        if payload_hash != hashlib.sha256(body).hexdigest():
+            raise SlsError(400, "ParameterInvalid", "x-log-content-sha256 does not match the body")
+        signed = sorted((name.lower(), value.strip()) for name, value in headers.items()
+                        if name.lower() in ("content-type", "host") or _is_signed_header(name.lower()))
+        canonical_query = "&".join(k + ("=" + quote(v, safe="~") if v else "") for k, v in sorted(query))
+        canonical_request = "\n".join([
+            method, path, canonical_query, "".join(f"{n}:{v}\n" for n, v in signed),
+            ";".join(n for n, _ in signed), payload_hash])
+        scope = f"{date}/{region}/sls/aliyun_v4_request"
+        string_to_sign = "\n".join(["SLS4-HMAC-SHA256", headers.get("x-log-date") or "", scope,
+                                    hashlib.sha256(canonical_request.encode()).hexdigest()])
+        key = b"aliyun_v4" + secret
+        for part in (date, region, "sls", "aliyun_v4_request"):
+            key = _hmac(key, part, hashlib.sha256)
+        expected = _hmac(key, string_to_sign, hashlib.sha256).hex()
+        if not hmac.compare_digest(expected, signature):
+            raise SlsError(403, "SignatureNotMatch", f"v4 signature not match, canonical request "
+                                                     f"{canonical_request!r}")
+
+    # -- faults -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _named_shard(route: Route, params: dict, body: bytes) -> Optional[int]:
+        """The shard a request is about, for fault matching (None if it names none)."""
+        if route.op == "checkpoint":
+            try:
+                shard = json.loads(body).get("shard")
+            except (ValueError, AttributeError):
+                return None
+        else:
+            shard = params.get("shard") if route.op == "get_checkpoint" else route.shard
+        return int(shard) if str(shard).isdigit() else None
+
+    def _take_fault(self, route: Route, params: dict, body: bytes) -> Optional[Fault]:
+        shard = self._named_shard(route, params, body)
+        now = time.time()
+        with self._lock:
+            for fault in self._faults:
+                if fault.active(now) and fault.matches(route.op, shard, params.get("consumer")) \
+                        and fault.take():
+                    return fault
+        return None
+
+    def inject(self, **spec) -> dict:
+        """Add a fault (keys as in the module docstring); returns its description."""
+        now = time.time()
+        with self._lock:
+            fault = Fault.from_spec(spec, self._next_fault_id, now)
+            self._next_fault_id += 1
+            self._faults.append(fault)
+            return fault.describe(now)
+
+    def clear_faults(self):
+        with self._lock:
+            self._faults.clear()
+
+    # -- data ------------------------------------------------------------------------------
+
+    def add_logs(self, logs: Iterable[dict], receive_time: Optional[float] = None) -> int:
+        """Append logs as received now (or at receive_time); returns the LogGroups added."""
+        when = time.time() if receive_time is None else receive_time
+        return self._store(encode_log_groups(logs, self.group_size), lambda group: when)
+
+    def load_logs(self, logs: Iterable[dict]) -> int:
+        """Append logs as history: each LogGroup counts as received at its first log's __time__."""
+        return self._store(encode_log_groups(logs, self.group_size), lambda group: group.first_time)
+
+    def _store(self, groups: list, receive_time_of: Callable) -> int:
+        with self._lock:
+            for group in groups:
+                shard = self._shards[self._next_lb_shard]
+                self._next_lb_shard = (self._next_lb_shard + 1) % len(self._shards)
+                shard.append(group.raw, group.log_count, receive_time_of(group))
+        return len(groups)
+
+    def expire(self, shard: int, groups: int) -> dict:
+        """Let the TTL drop the shard's `groups` oldest LogGroups; returns the shard's state."""
+        if not isinstance(groups, int) or groups < 0:
+            raise ValueError(f"groups must be a non-negative int, got {groups!r}")
+        with self._lock:
+            target = self._shard(str(shard))
+            target.begin = min(target.begin + groups, target.end)
+            return target.describe()
+
+    def state(self) -> dict:
+        now = time.time()
+        with self._lock:
+            for group in self._groups.values():
+                group.expire_consumers(now)
+            return {
+                "project": self.project,
+                "logstores": {self.logstore: {
+                    "shards": {str(s.id): s.describe() for s in self._shards},
+                    "consumer_groups": {name: g.describe(now) for name, g in sorted(self._groups.items())},
+                }},
+                "requests": dict(sorted(self._request_counts.items())),
+                "errors": dict(sorted(self._error_counts.items())),
+                "faults": [f.describe(now) for f in self._faults],
+            }
+
+    # -- SLS operations (§5) -----------------------------------------------------------------
+
+    def _shard(self, shard: str) -> Shard:
+        if shard.isdigit() and int(shard) < len(self._shards):
+            return self._shards[int(shard)]
+        raise SlsError(404, "ShardNotExist", f"shard {shard} does not exist")
+
+    def _group(self, name: str) -> ConsumerGroup:
+        group = self._groups.get(name)
+        if group is None:
+            raise SlsError(404, "ConsumerGroupNotExist", f"consumer group {name} does not exist")
+        return group
+
+    @staticmethod
+    def _json_body(body: bytes):
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise SlsError(400, "PostBodyInvalid", "the body is not valid JSON") from None
+
+    def _op_list_shards(self, route, params, headers, body) -> Reply:
+        with self._lock:
+            return Reply.json([s.listing() for s in self._shards])
+
+    def _op_cursor(self, route, params, headers, body) -> Reply:
+        start = params.get("from", "")
+        with self._lock:
+            shard = self._shard(route.shard)
+            if start == "begin":
+                index = shard.begin
+            elif start == "end":
+                index = shard.end
+            elif start.lstrip("-").isdigit():
+                index = shard.index_at(int(start))
+            else:
+                raise SlsError(400, "ParameterInvalid", f"from must be begin, end or unix seconds, got {start!r}")
+            return Reply.json({"cursor": shard.cursor(index)})
+
+    def _op_cursor_time(self, route, params, headers, body) -> Reply:
+        with self._lock:
+            shard = self._shard(route.shard)
+            index = shard.index(params.get("cursor", ""))
+            # The end cursor has no LogGroup yet: the next one will be received now or later.
+            received = shard.receive_times[index] if index < shard.end else time.time()
+            return Reply.json({"cursor_time": int(received)})
+
+    def _op_pull(self, route, params, headers, body) -> Reply:
+        count = params.get("count", "1000")
+        if not count.isdigit() or not 0 < int(count) <= MAX_PULL_COUNT:
+            raise SlsError(400, "ParameterInvalid", f"count must be 1..{MAX_PULL_COUNT}, got {count!r}")
+        with self._lock:
+            shard = self._shard(route.shard)
+            start = shard.index(params.get("cursor", ""))
+            stop = min(start + int(count), shard.end)
+            if params.get("end_cursor"):
+                stop = max(start, min(stop, shard.index(params["end_cursor"])))
+            frames = shard.frames[start:stop]
+        raw_size, taken = 0, 0
+        for frame in frames:
+            if taken and raw_size + len(frame) > MAX_PULL_RAW_BYTES:
+                break
+            raw_size += len(frame)
+            taken += 1
+        raw = b"".join(frames[:taken])
+        reply_headers = {"Content-Type": "application/x-protobuf",
+                         "x-log-cursor": shard.cursor(start + taken),
+                         "x-log-count": str(taken),
+                         "x-log-bodyrawsize": str(len(raw))}
+        if raw and "lz4" in (headers.get("Accept-Encoding") or "").lower():
+            raw = lz4.block.compress(raw, store_size=False)
+            reply_headers["x-log-compresstype"] = "lz4"
+        return Reply(200, raw, reply_headers)
+
+    def _op_put(self, route, params, headers, body) -> Reply:
+        log_group = self._decompress(headers, body)
+        try:
+            log_count = count_logs(log_group)
+        except ValueError as exc:
+            raise SlsError(400, "PostBodyInvalid", f"the body is not a LogGroup: {exc}") from None
+        with self._lock:
+            if route.shard == "route":
+                shard = self._shard_for_key(params.get("key", ""))
+            else:
+                shard = self._shards[self._next_lb_shard]
+                self._next_lb_shard = (self._next_lb_shard + 1) % len(self._shards)
+            if log_count:  # an empty LogGroup is accepted and stores nothing
+                shard.append(log_group, log_count, time.time())
+        return Reply()
+
+    @staticmethod
+    def _decompress(headers, body: bytes) -> bytes:
+        compress_type = (headers.get("x-log-compresstype") or "").lower()
+        raw_size = headers.get("x-log-bodyrawsize") or ""
+        try:
+            if compress_type == "":
+                return body
+            if compress_type == "lz4":
+                raw = lz4.block.decompress(body, uncompressed_size=int(raw_size))
+            elif compress_type == "deflate":
+                raw = zlib.decompress(body)
+            else:
+                raise SlsError(400, "InvalidCompressType", f"compress type {compress_type} is not supported")
+        except (ValueError, lz4.block.LZ4BlockError, zlib.error) as exc:
+            raise SlsError(400, "PostBodyUncompressError", f"cannot decompress the body: {exc}") from None
+        if str(len(raw)) != raw_size:
+            raise SlsError(400, "PostBodyUncompressError",
+                           f"x-log-bodyrawsize is {raw_size} but the body is {len(raw)} bytes")
+        return raw
+
+    def _shard_for_key(self, key: str) -> Shard:
+        if not re.fullmatch(r"[0-9a-fA-F]{32}", key):
+            raise SlsError(400, "ParameterInvalid", f"hash key must be 32 hex digits, got {key!r}")
+        value = int(key, 16)
+        return next(s for s in self._shards if value < s.end_key or s is self._shards[-1])
+
+    def _op_list_cg(self, route, params, headers, body) -> Reply:
+        with self._lock:
+            return Reply.json([{"name": g.name, "timeout": g.timeout, "order": g.order}
+                               for g in self._groups.values()])
+
+    def _op_create_cg(self, route, params, headers, body) -> Reply:
+        spec = self._json_body(body)
+        if not isinstance(spec, dict) or not isinstance(spec.get("consumerGroup"), str) \
+                or not isinstance(spec.get("timeout"), int) or spec["timeout"] <= 0:
+            raise SlsError(400, "JsonInfoInvalid", "need consumerGroup (string) and timeout (int > 0)")
+        with self._lock:
+            if spec["consumerGroup"] in self._groups:
+                raise SlsError(400, "ConsumerGroupAlreadyExist", "consumer group already exist")
+            self._groups[spec["consumerGroup"]] = ConsumerGroup(
+                spec["consumerGroup"], spec["timeout"], bool(spec.get("order", False)))
+        return Reply()
+
+    def _op_update_cg(self, route, params, headers, body) -> Reply:
+        spec = self._json_body(body)
+        if not isinstance(spec, dict) or ("timeout" in spec and not (
+                isinstance(spec["timeout"], int) and spec["timeout"] > 0)):
+            raise SlsError(400, "JsonInfoInvalid", "timeout must be an int > 0")
+        with self._lock:
+            group = self._group(route.group)
+            group.timeout = spec.get("timeout", group.timeout)
+            group.order = bool(spec.get("order", group.order))
+        return Reply()
+
+    def _op_delete_cg(self, route, params, headers, body) -> Reply:
+        with self._lock:
+            self._group(route.group)
+            del self._groups[route.group]
+        return Reply()
+
+    def _op_heartbeat(self, route, params, headers, body) -> Reply:
+        consumer = params.get("consumer", "")
+        listed = self._json_body(body)
+        if not consumer or not isinstance(listed, list) or not all(isinstance(s, int) for s in listed):
+            raise SlsError(400, "ParameterInvalid", "need a consumer and a JSON list of shard ids")
+        with self._lock:
+            group = self._group(route.group)
+            shard_ids = [s.id for s in self._shards]
+            held = group.heartbeat(consumer, set(listed) & set(shard_ids), shard_ids, time.time())
+        return Reply.json(held)
+
+    def _op_checkpoint(self, route, params, headers, body) -> Reply:
+        spec = self._json_body(body)
+        if not isinstance(spec, dict) or not isinstance(spec.get("shard"), int) \
+                or not isinstance(spec.get("checkpoint"), str):
+            raise SlsError(400, "ParameterInvalid", "need shard (int) and checkpoint (string)")
+        try:
+            _cursor_number(spec["checkpoint"])
+        except SlsError:
+            raise SlsError(400, "InvalidShardCheckPoint", "shard checkpoint not encoded by base64") from None
+        consumer = params.get("consumer", "")
+        force = params.get("forceSuccess", "").lower() == "true"
+        now = time.time()
+        with self._lock:
+            group = self._group(route.group)
+            self._shard(str(spec["shard"]))
+            if not force:  # the SDK always forces; SLS checks ownership only without force
+                group.expire_consumers(now)
+                if consumer not in group.consumers:
+                    raise SlsError(400, "ConsumerNotExsit", f"consumer {consumer} does not exist")
+                if spec["shard"] not in group.consumers[consumer].held:
+                    raise SlsError(400, "ConsumerNotMatch", f"shard {spec['shard']} is not held by {consumer}")
+            group.checkpoints[spec["shard"]] = Checkpoint(spec["checkpoint"], consumer, int(now * 1e6))
+        return Reply()
+
+    def _op_get_checkpoint(self, route, params, headers, body) -> Reply:
+        with self._lock:
+            group = self._group(route.group)
+            if "shard" in params:
+                wanted = [int(params["shard"])] if params["shard"].isdigit() \
+                    and int(params["shard"]) < len(self._shards) else []
+            else:
+                wanted = [s.id for s in self._shards]
+            answer = []
+            for shard in wanted:  # never checkpointed -> one element with an empty checkpoint
+                checkpoint = group.checkpoints.get(shard, Checkpoint("", "", 0))
+                answer.append({"shard": shard, "checkpoint": checkpoint.cursor,
+                               "updateTime": checkpoint.update_time_us, "consumer": checkpoint.consumer})
+            return Reply.json(answer)
+
+    # -- admin routes ----------------------------------------------------------------------
+
+    def _admin(self, method: str, path: str, body: bytes) -> Reply:
+        try:
+            if (method, path) == ("GET", "/_emulator/state"):
+                return Reply.json(self.state())
+            if (method, path) == ("POST", "/_emulator/faults"):
+                specs = json.loads(body)
+                return Reply.json({"faults": [self.inject(**spec) for spec in
+                                              (specs if isinstance(specs, list) else [specs])]})
+            if (method, path) == ("DELETE", "/_emulator/faults"):
+                self.clear_faults()
+                return Reply.json({"faults": []})
+            if (method, path) == ("POST", "/_emulator/logs"):
+                logs = parse_jsonl(body.decode("utf-8", "surrogateescape"), "body")
+                return Reply.json({"logs": len(logs), "groups": self.add_logs(logs)})
+            if (method, path) == ("POST", "/_emulator/expire"):
+                spec = json.loads(body)
+                return Reply.json(self.expire(spec["shard"], spec["groups"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise SlsError(400, "ParameterInvalid", f"bad admin request: {exc!r}") from None
+        raise SlsError(404, "RequestNotSupported", f"no admin route {method} {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP transport.
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the SDK reuses connections through a Session
+    server_version = "sls-emulator"
+    disable_nagle_algorithm = True
+
+    def _serve(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        reply = self.server.service.handle(self.command, self.path, self.headers, body)
+        if reply.drop:
+            self.close_connection = True
+            return
+        self.send_response(reply.status)
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+    def log_message(self, format, *args):
+        pass  # quiet: a benchmark makes thousands of requests; state() has the counts
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address, service: SlsService):
+        super().__init__(address, _RequestHandler)
+        self.service = service
+        self._connections: set = set()
+        self._connections_lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self):
+        """End idle keep-alive connections, whose handler threads would otherwise linger."""
+        with self._connections_lock:
+            for connection in list(self._connections):
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class _ClientSide:
+    """How clients reach an emulator listening on 127.0.0.1:`port`."""
+
+    port: int
+    endpoint = FAKE_ENDPOINT
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client_env(self) -> dict:
+        """Proxy variables that route SDK traffic (fake endpoint host) to the emulator, while
+        NO_PROXY keeps direct calls to 127.0.0.1 (admin routes) off the proxy. Merge them into
+        os.environ or a subprocess environment."""
+        proxy = f"http://{self.addr}"
+        return {"HTTP_PROXY": proxy, "http_proxy": proxy,
+                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+class SlsEmulator(SlsService, _ClientSide):
+    """The emulator in this process, serving HTTP on a daemon thread between start() and stop()."""
+
+    def __init__(self, project: str, logstore: str, shards: int, access_key_id: str,
+                 access_key_secret: str, port: int = 0, group_size: int = 100):
+        super().__init__(project, logstore, shards, access_key_id, access_key_secret, group_size)
+        self._requested_port = port
+        self._server: Optional[_HttpServer] = None
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> "SlsEmulator":
+        self._server = _HttpServer(("127.0.0.1", self._requested_port), self)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="sls-emulator",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.close_connections()
+            self._server.server_close()
+            self._thread.join()
+            self._server = None
+
+    def __enter__(self) -> "SlsEmulator":
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+class EmulatorProcess(_ClientSide):
+    """The emulator CLI in a subprocess, started by the constructor; admin calls go over HTTP."""
+
+    STARTUP_TIMEOUT = 60
+
+    def __init__(self, project: str = "waf-project", logstore: str = "waf-logstore", shards: int = 4,
+                 access_key_id: str = "test-akid", access_key_secret: str = "test-secret",
+                 load: Iterable[str] = (), extra_args: Iterable[str] = ()):
+        self.project, self.logstore = project, logstore
+        self.access_key_id, self.access_key_secret = access_key_id, access_key_secret
+        command = [sys.executable, os.path.abspath(__file__), "--port", "0",
+                   "--project", project, "--logstore", logstore, "--shards", str(shards),
+                   "--access-key-id", access_key_id, "--access-key-secret", access_key_secret]
+        for path in load:
+            command += ["--load", str(path)]
+        command += list(extra_args)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self._admin_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            self.port = self._read_port()
+        except BaseException:
+            self.kill()
+            raise
+
+    def _read_port(self) -> int:
+        ready, _, _ = select.select([self.process.stdout], [], [], self.STARTUP_TIMEOUT)
+        line = self.process.stdout.readline() if ready else ""
+        if not line.startswith(ADDR_LINE_PREFIX):
+            raise RuntimeError(f"emulator did not start (exit code {self.process.poll()}, "
+                               f"first line {line!r})")
+        return int(line.strip().rsplit(":", 1)[1])
+
+    def _admin(self, method: str, route: str, payload: Optional[bytes] = None):
+        request = urllib.request.Request(f"http://{self.addr}/_emulator/{route}", data=payload,
+                                         method=method)
+        with self._admin_opener.open(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def state(self) -> dict:
+        return self._admin("GET", "state")
+
+    def inject(self, **fault) -> dict:
+        return self._admin("POST", "faults", json.dumps(fault).encode())["faults"][0]
+
+    def clear_faults(self):
+        self._admin("DELETE", "faults")
+
+    def add_logs(self, logs: Iterable[dict]) -> dict:
+        """Append logs, received now; returns {"logs": n, "groups": g}."""
+        body = "".join(json.dumps(log, ensure_ascii=True) + "\n" for log in logs)
+        return self._admin("POST", "logs", body.encode())
+
+    def expire(self, shard: int, groups: int) -> dict:
+        return self._admin("POST", "expire", json.dumps({"shard": shard, "groups": groups}).encode())
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM, wait, and return the exit code (0 when it shut down cleanly)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process.stdout.close()
+        return self.process.returncode
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+
+    def __enter__(self) -> "EmulatorProcess":
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+def log_client(emulator, access_key_id: Optional[str] = None,
+               access_key_secret: Optional[str] = None, **kwargs):
+    """A real `aliyun.log.LogClient` for the emulator's fake endpoint. Its requests.Session reads
+    the proxy from the environment on every call, so apply `emulator.client_env()` to os.environ
+    (e.g. with monkeypatch.setenv) before using it. kwargs go to LogClient (securityToken,
+    auth_version, region, ...)."""
+    from aliyun.log import LogClient
+    return LogClient(emulator.endpoint,
+                     emulator.access_key_id if access_key_id is None else access_key_id,
+                     emulator.access_key_secret if access_key_secret is None else access_key_secret,
+                     **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=0, help="listen port on 127.0.0.1 (0: any free)")
+    parser.add_argument("--project", required=True)
+    parser.add_argument("--logstore", required=True)
+    parser.add_argument("--shards", type=int, required=True)
+    parser.add_argument("--access-key-id", required=True)
+    parser.add_argument("--access-key-secret", required=True)
+    parser.add_argument("--load", action="extend", nargs="+", default=[], metavar="FILE.jsonl",
+                        help="JSONL logs to preload as history (see the module docstring)")
+    parser.add_argument("--group-size", type=int, default=100, help="logs per LogGroup when loading")
+    args = parser.parse_args(argv)
+
+    stop_requested = threading.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: stop_requested.set())
+
+    emulator = SlsEmulator(args.project, args.logstore, args.shards, args.access_key_id,
+                           args.access_key_secret, port=args.port, group_size=args.group_size)
+    for path in args.load:
+        emulator.load_logs(read_jsonl_file(path))
+    with emulator:
+        print(f"{ADDR_LINE_PREFIX}{emulator.addr}", flush=True)
+        stop_requested.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Settings: every bad setting is exit status 2 with one clear line naming the variable, no
+traceback, and the AccessKey secret / STS token never appear in any output."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sync_waf_to_syslog as fwd
+from tests.forwarder_process import SCRIPT
+
+SECRET = "S3cret-AK-must-never-print"
+TOKEN = "STS-token-must-never-print"
+GOOD = dict(SLS_ENDPOINT="sls.example.test", SLS_AK_ID="test-akid", SLS_AK_KEY=SECRET,
+            SLS_STS_TOKEN=TOKEN, SLS_PROJECT="waf-project", SLS_LOGSTORE="waf-logstore",
+            SYSLOG_HOST="127.0.0.1")
+
+
+def run_with(env, args=(), cwd=None):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLS_", "SYSLOG_", "SYNC_"))}
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], env={**clean, **env},
+                            capture_output=True, text=True, timeout=60, cwd=cwd)
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def garbage_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("files") / "not-a-certificate.pem"
+    path.write_text("this is not a PEM file\n")
+    return str(path)
+
+
+BAD_SETTINGS = [
+    ("SLS_ENDPOINT", dict(SLS_ENDPOINT=None)),
+    ("SLS_AK_ID", dict(SLS_AK_ID="")),
+    ("SLS_AK_KEY", dict(SLS_AK_KEY=None)),
+    ("SLS_PROJECT", dict(SLS_PROJECT="  ")),
+    ("SLS_LOGSTORE", dict(SLS_LOGSTORE=None)),
+    ("SYSLOG_HOST", dict(SYSLOG_HOST=None)),
+    ("SYSLOG_PORT", dict(SYSLOG_PORT="syslog")),
+    ("SYSLOG_PORT", dict(SYSLOG_PORT="0")),
+    ("SYSLOG_PORT", dict(SYSLOG_PORT="70000")),
+    ("SYSLOG_PROTOCOL", dict(SYSLOG_PROTOCOL="http")),
+    ("SYSLOG_FORMAT", dict(SYSLOG_FORMAT="rfc9999")),
+    ("SYSLOG_FRAMING", dict(SYSLOG_FRAMING="nul")),
+    ("SYSLOG_SEP", dict(SYSLOG_SEP="")),
+    ("SYSLOG_SEP", dict(SYSLOG_SEP="a")),
+    ("SYSLOG_SEP", dict(SYSLOG_SEP="\\")),
+    ("SYSLOG_SEP", dict(SYSLOG_SEP="=")),
+    ("SYSLOG_FACILITY", dict(SYSLOG_FACILITY="bogus")),
+    ("SYSLOG_FACILITY", dict(SYSLOG_FACILITY="24")),
+    ("SYSLOG_SEVERITY", dict(SYSLOG_SEVERITY="8")),
+    ("SYSLOG_TAG", dict(SYSLOG_TAG="has space")),
+    ("SYSLOG_TAG", dict(SYSLOG_FORMAT="rfc3164", SYSLOG_TAG="x" * 33)),
+    ("SYSLOG_HOSTNAME", dict(SYSLOG_HOSTNAME="host name")),
+    ("SYSLOG_MAX_MESSAGE_SIZE", dict(SYSLOG_PROTOCOL="udp", SYSLOG_MAX_MESSAGE_SIZE="70000")),
+    ("SYSLOG_MAX_MESSAGE_SIZE", dict(SYSLOG_MAX_MESSAGE_SIZE="100")),
+    ("SYSLOG_TIMEOUT", dict(SYSLOG_TIMEOUT="-1")),
+    ("SLS_CURSOR_START", dict(SLS_CURSOR_START="yesterday")),
+    ("SLS_CURSOR_END", dict(SLS_CURSOR_END="2026-13-45")),
+    ("SLS_HEARTBEAT_INTERVAL", dict(SLS_HEARTBEAT_INTERVAL="0")),
+    ("SLS_FETCH_INTERVAL", dict(SLS_FETCH_INTERVAL="fast")),
+    ("SLS_MAX_FETCH_GROUPS", dict(SLS_MAX_FETCH_GROUPS="5000")),
+    ("SYNC_LOG_LEVEL", dict(SYNC_LOG_LEVEL="verbose")),
+    ("SYSLOG_CERT_PATH", dict(SYSLOG_PROTOCOL="tls", SYSLOG_CERT_PATH="/nonexistent/ca.pem")),
+    ("SYSLOG_CERT_PATH", dict(SYSLOG_PROTOCOL="tls", SYSLOG_CERT_PATH="GARBAGE")),
+    ("SYSLOG_CLIENT_KEY", dict(SYSLOG_PROTOCOL="tls", SYSLOG_CLIENT_CERT="GARBAGE")),
+    ("SYSLOG_CLIENT_KEY", dict(SYSLOG_PROTOCOL="tls", SYSLOG_CLIENT_CERT="GARBAGE",
+                               SYSLOG_CLIENT_KEY="/nonexistent/client.key")),
+    ("SYSLOG_CLIENT_CERT", dict(SYSLOG_PROTOCOL="tls", SYSLOG_CLIENT_CERT="GARBAGE",
+                                SYSLOG_CLIENT_KEY="GARBAGE")),
+]
+
+
+@pytest.mark.parametrize("variable, change", BAD_SETTINGS, ids=[f"{v}-{i}" for i, (v, _) in enumerate(BAD_SETTINGS)])
+def test_bad_setting_exits_2_naming_the_variable(variable, change, garbage_file):
+    env = {**GOOD, **{k: garbage_file if v == "GARBAGE" else v for k, v in change.items()}}
+    env = {k: v for k, v in env.items() if v is not None}
+    status, out, err = run_with(env)
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and variable in lines[0], err
+    assert "Traceback" not in err
+    assert SECRET not in out + err and TOKEN not in out + err
+
+
+def test_all_problems_are_reported_together():
+    status, out, err = run_with(dict(SYSLOG_PORT="x", SYSLOG_PROTOCOL="smtp", SLS_AK_KEY=SECRET))
+    assert status == 2
+    for variable in ("SLS_ENDPOINT", "SLS_AK_ID", "SLS_PROJECT", "SLS_LOGSTORE", "SYSLOG_HOST",
+                     "SYSLOG_PORT", "SYSLOG_PROTOCOL"):
+        assert sum(variable + ":" in line for line in err.splitlines()) == 1, (variable, err)
+    assert SECRET not in out + err
+
+
+def test_missing_env_file_is_a_settings_error(tmp_path):
+    status, _, err = run_with(GOOD, ["--env-file", str(tmp_path / "missing.env")])
+    assert status == 2 and "--env-file" in err and "Traceback" not in err
+
+
+def test_env_file_is_read_and_the_real_environment_wins(tmp_path):
+    env_file = tmp_path / "forwarder.env"
+    env_file.write_text("SYSLOG_FACILITY=bogus\nSYSLOG_SEVERITY=warning\nSYSLOG_PORT=1514\n")
+    values = fwd.load_env_file(str(env_file), {"SYSLOG_PORT": "2514"})
+    assert values["SYSLOG_SEVERITY"] == "warning" and values["SYSLOG_PORT"] == "2514"
+    status, _, err = run_with({**GOOD, "SYSLOG_SEVERITY": "info"}, ["--env-file", str(env_file)])
+    assert status == 2 and "SYSLOG_FACILITY" in err and "SYSLOG_SEVERITY" not in err
+    status, _, err = run_with({**GOOD, "SYSLOG_FACILITY": "local0", "SYSLOG_PROTOCOL": "nope"},
+                              ["--env-file", str(env_file)])
+    assert status == 2 and "SYSLOG_FACILITY" not in err and "SYSLOG_PROTOCOL" in err
+
+
+def test_defaults_and_names():
+    s = fwd.Settings.from_environment(dict(GOOD, SYSLOG_FACILITY="local7", SYSLOG_SEVERITY="warning",
+                                           SLS_CURSOR_START="2026-11-01T00:00:00+08:00"))
+    assert (s.sls_consumer_group, s.syslog_protocol, s.syslog_port, s.syslog_format) == \
+        ("WAF-SLS", "tcp", 514, "rfc5424")
+    assert s.sls_consumer_name.startswith("WAF-SLS-")
+    assert (s.syslog_facility, s.syslog_severity) == (23, 4)
+    assert s.sls_cursor_start == "1793462400"
+    assert fwd.Settings.from_environment(dict(GOOD, SYSLOG_PROTOCOL="tls")).syslog_port == 6514
+    assert SECRET not in repr(s) and TOKEN not in repr(s)
+
+
+def test_help_documents_every_setting():
+    status, out, _ = run_with({}, ["--help"])
+    assert status == 0
+    readme = (SCRIPT.parent / "README.md").read_text()
+    example = (SCRIPT.parent / ".env.example").read_text()
+    for variable in ("SLS_ENDPOINT", "SLS_AK_ID", "SLS_AK_KEY", "SLS_STS_TOKEN", "SLS_PROJECT",
+                     "SLS_LOGSTORE", "SLS_CG", "SLS_CONSUMER_NAME", "SLS_CURSOR_START", "SLS_CURSOR_END",
+                     "SLS_HEARTBEAT_INTERVAL", "SLS_FETCH_INTERVAL", "SLS_MAX_FETCH_GROUPS",
+                     "SLS_WORKER_POOL_SIZE", "SYSLOG_HOST", "SYSLOG_PORT", "SYSLOG_PROTOCOL",
+                     "SYSLOG_SEP", "SYSLOG_CERT_PATH", "SYSLOG_CLIENT_CERT", "SYSLOG_CLIENT_KEY",
+                     "SYSLOG_TIMEOUT", "SYSLOG_FACILITY", "SYSLOG_SEVERITY", "SYSLOG_HOSTNAME",
+                     "SYSLOG_TAG", "SYSLOG_FORMAT", "SYSLOG_FRAMING", "SYSLOG_MAX_MESSAGE_SIZE",
+                     "SYSLOG_RETRY_MAX_DELAY", "SYNC_LOG_LEVEL", "SYNC_LOG_FILE", "SYNC_LOCK_FILE",
+                     "SYNC_STATS_INTERVAL"):
+        assert variable in out, variable
+        assert variable in readme, variable
+        assert variable in example, variable
