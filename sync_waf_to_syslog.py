@@ -64,6 +64,9 @@ SETTINGS: this program
   SYNC_LOCK_FILE          lock that keeps a second copy from starting (--lock-file)
                                           default <tmp>/sync_waf_to_syslog-<consumer name>.lock
   SYNC_STATS_INTERVAL     seconds between statistics lines, 0 = off (--stats-interval)  default 60
+  SYNC_WORKERS            consumer processes on this host, or auto = one per CPU core but no more
+                          than shards (--workers); each is consumer {SLS_CONSUMER_NAME}-{i},
+                          restarted if it dies                                          default 1
 
 MESSAGE
   One message per log. RFC 5424: <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID - - MSG, where TIMESTAMP is
@@ -89,6 +92,7 @@ import socket
 import ssl
 import string
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -161,19 +165,19 @@ class Settings:
     log_file: str
     lock_file: str
     stats_interval: float
+    workers: object                # a count, or "auto" = min(CPU cores, shards)
 
     @classmethod
-    def from_environment(cls, env, overrides=None):
+    def from_environment(cls, env):
         """Build and validate the settings from a mapping of variables; raise SettingsError."""
-        return _SettingsReader(env, overrides or {}).read()
+        return _SettingsReader(env).read()
 
 
 class _SettingsReader:
     """Reads every variable once and collects all problems, so the operator sees them together."""
 
-    def __init__(self, env, overrides):
+    def __init__(self, env):
         self.env = env
-        self.overrides = overrides
         self.problems = []
 
     def text(self, name, default=""):
@@ -257,12 +261,11 @@ class _SettingsReader:
             self.problems.append(f"{missing}: required for mutual TLS together with "
                                  f"{'SYSLOG_CLIENT_CERT' if client_cert else 'SYSLOG_CLIENT_KEY'}")
         consumer_name = self.text("SLS_CONSUMER_NAME", f"{consumer_group}-{socket.gethostname()}")
-        lock_file = self.overrides.get("lock_file") or self.text(
-            "SYNC_LOCK_FILE", os.path.join(tempfile.gettempdir(),
-                                           f"sync_waf_to_syslog-{safe_file_name(consumer_name)}.lock"))
-        stats_interval = self.overrides.get("stats_interval")
-        if stats_interval is None:
-            stats_interval = self.number("SYNC_STATS_INTERVAL", 60.0, 0, 86400, float)
+        lock_file = self.text("SYNC_LOCK_FILE", os.path.join(
+            tempfile.gettempdir(), f"sync_waf_to_syslog-{safe_file_name(consumer_name)}.lock"))
+        workers = self.text("SYNC_WORKERS", "1").lower()
+        if workers != "auto":
+            workers = self.number("SYNC_WORKERS", 1, 1, 256)
         settings = Settings(
             sls_endpoint=self.required("SLS_ENDPOINT"),
             sls_access_key_id=self.required("SLS_AK_ID"),
@@ -298,7 +301,8 @@ class _SettingsReader:
             log_level=self.choice("SYNC_LOG_LEVEL", "info", {"debug", "info", "warning", "error"}).upper(),
             log_file=self.text("SYNC_LOG_FILE"),
             lock_file=lock_file,
-            stats_interval=stats_interval,
+            stats_interval=self.number("SYNC_STATS_INTERVAL", 60.0, 0, 86400, float),
+            workers=workers,
         )
         if protocol == "tls" and not self.problems:
             self.check_tls_files(settings)
@@ -794,7 +798,8 @@ def make_processor_class():
             forwarder.stats.sent(self.shard_id, messages, newest)
             log.info("Complete send data to remote")
             if forwarder.save_checkpoints:
-                self.save_checkpoint(tracker)  # memory now, SLS at most every 3 s
+                tracker.save_check_point(False)  # in memory; Forwarder.flush_checkpoints saves it
+                forwarder.trackers[self.shard_id] = tracker
             return None
 
         def shutdown(self, tracker):
@@ -802,6 +807,8 @@ def make_processor_class():
             # tracker's checkpoint here only ever moved past delivered batches, so flush that.
             if not self.forwarder.save_checkpoints:
                 return
+            if self.forwarder.trackers.get(self.shard_id) is tracker:
+                del self.forwarder.trackers[self.shard_id]
             try:
                 tracker.flush_check_point()
             except CheckPointException as exc:
@@ -924,9 +931,22 @@ class Forwarder:
         self.encoder = MessageEncoder(settings)
         self.delivery = Delivery(settings, TRANSPORTS[settings.syslog_protocol](settings), stop, self.stats)
         self.save_checkpoints = save_checkpoints
+        self.trackers = {}  # shard -> checkpoint tracker of its processor
 
     def send(self, messages):
         return self.delivery.deliver(messages)
+
+    def flush_checkpoints(self, interval=1.0):
+        """Save every shard's delivered position in SLS about once a second (a thread of its own,
+        as a write can block for the SDK's retries). The SDK alone saves at most every 3 s while
+        data flows and only 30 s after a shard goes idle: a crash then repeats more logs."""
+        from aliyun.log.consumer.exceptions import CheckPointException
+        while not self.stop.wait(interval):
+            for tracker in list(self.trackers.values()):
+                try:
+                    tracker.flush_check_point()
+                except CheckPointException:
+                    pass  # ResilientConsumerClient keeps it and says so
 
 
 def consumer_config(settings):
@@ -953,12 +973,11 @@ def consumer_config(settings):
 
 def run(settings):
     """Consume until stopped; returns the exit status."""
-    from aliyun.log.consumer import ConsumerWorker
-    from aliyun.log.consumer.exceptions import ClientWorkerException
-
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    from aliyun.log.consumer import ConsumerWorker
+    from aliyun.log.consumer.exceptions import ClientWorkerException
     forwarder = Forwarder(settings, stop)
     config = consumer_config(settings)
     try:
@@ -977,6 +996,7 @@ def run(settings):
              settings.sls_consumer_group, settings.sls_project, settings.sls_logstore,
              settings.syslog_protocol, settings.syslog_host, settings.syslog_port)
     worker.start()
+    threading.Thread(target=forwarder.flush_checkpoints, name="checkpoints", daemon=True).start()
     status = supervise(settings, worker, forwarder, stop)
     log.info("stopping: saving the checkpoints of delivered logs and releasing the shards")
     stop.set()
@@ -1084,6 +1104,82 @@ def dry_run(settings):
     return EXIT_OK
 
 
+def worker_count(settings):
+    """SYNC_WORKERS as a number: "auto" is one process per CPU core, but no more than shards."""
+    if settings.workers != "auto":
+        return settings.workers
+    from aliyun.log import LogClient
+    from aliyun.log.logexception import LogException
+    cores = os.cpu_count() or 1
+    try:
+        shards = len(LogClient(settings.sls_endpoint, settings.sls_access_key_id,
+                               settings.sls_access_key_secret, settings.sls_sts_token or None)
+                     .list_shards(settings.sls_project, settings.sls_logstore).get_shards_info())
+    except LogException as exc:
+        log.warning("cannot count the shards (%s); starting one worker per core", exc.get_error_code())
+        return cores
+    return max(1, min(cores, shards))
+
+
+def die_with_parent():
+    """In a worker process: get SIGTERM if the supervisor dies, so no worker is left orphaned."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def run_workers(settings, count, environment):
+    """--workers N: N consumer processes of the group on this host ({name}-0 ... {name}-N-1),
+    restarted when one dies; SIGTERM / SIGINT is passed on and waited for."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    names = [f"{settings.sls_consumer_name}-{i}" for i in range(count)]
+    children, started, delays = {}, {}, {name: 1.0 for name in names}
+
+    def start(name):
+        env = dict(environment, SLS_CONSUMER_NAME=name, SYNC_WORKERS="1",
+                   SYNC_LOCK_FILE=f"{settings.lock_file}.{safe_file_name(name)}")
+        children[name] = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
+                                          stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        started[name] = time.monotonic()
+        log.info("started worker %s (pid %d)", name, children[name].pid)
+
+    log.info("*** starting %d workers in consumer group %s", count, settings.sls_consumer_group)
+    for name in names:
+        start(name)
+    restart_at = {}
+    while children or restart_at:
+        if stop.wait(0.5):
+            break
+        for name, child in list(children.items()):
+            status = child.poll()
+            if status is None:
+                continue
+            del children[name]
+            if status == EXIT_OK and settings.sls_cursor_end:
+                log.info("worker %s finished its replay", name)
+                continue
+            ran = time.monotonic() - started[name]
+            delay = 1.0 if ran > 60 else delays[name]
+            delays[name] = min(delay * 2, 60.0)
+            log.error("worker %s exited with status %d after %.0f s; restarting it in %.0f s",
+                      name, status, ran, delay)
+            restart_at[name] = time.monotonic() + delay
+        for name, when in list(restart_at.items()):
+            if time.monotonic() >= when:
+                del restart_at[name]
+                start(name)
+    for child in children.values():
+        child.send_signal(signal.SIGTERM)
+    # A worker still starting up has no handler yet and dies of the signal itself: that is fine.
+    failed = [name for name, child in children.items() if child.wait() not in (EXIT_OK, -signal.SIGTERM)]
+    if failed:
+        log.error("workers %s did not stop cleanly", ", ".join(failed))
+    log.info("all workers stopped")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
 def acquire_lock(path):
     """An exclusive lock held for the life of the process; the pid of the holder if taken."""
     handle = open(path, "a+")
@@ -1106,7 +1202,7 @@ def setup_logging(settings):
     if settings.log_file:
         handlers.append(logging.FileHandler(settings.log_file))
     logging.basicConfig(level=settings.log_level, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(message)s")
+                        format="%(asctime)s %(levelname)s [%(process)d] %(message)s")
     # The SDK is chatty at INFO and repeats each failing request: keep its warnings, once a minute.
     logging.getLogger("aliyun").setLevel(logging.WARNING)
     sdk_filter = SdkLogFilter()
@@ -1125,9 +1221,13 @@ def parse_arguments(argv):
                       help="print the messages that would be sent next to stdout; send and save nothing")
     parser.add_argument("--env-file", metavar="PATH",
                         help="read settings from this file (default: .env beside this script)")
-    parser.add_argument("--lock-file", metavar="PATH", help="lock file path (SYNC_LOCK_FILE)")
-    parser.add_argument("--stats-interval", metavar="SECONDS", type=float,
+    # Flags that have a variable override it (and are validated with it).
+    parser.add_argument("--lock-file", metavar="PATH", dest="SYNC_LOCK_FILE",
+                        help="lock file path (SYNC_LOCK_FILE)")
+    parser.add_argument("--stats-interval", metavar="SECONDS", dest="SYNC_STATS_INTERVAL",
                         help="seconds between statistics lines, 0 = off (SYNC_STATS_INTERVAL)")
+    parser.add_argument("--workers", metavar="N|auto", dest="SYNC_WORKERS",
+                        help="consumer processes on this host (SYNC_WORKERS)")
     return parser.parse_args(argv)
 
 
@@ -1138,9 +1238,10 @@ def main(argv=None):
         print(f"--env-file: cannot read file {env_file!r}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     environment = load_env_file(env_file, os.environ) if os.path.exists(env_file) else dict(os.environ)
+    environment.update({name: value for name, value in vars(args).items()
+                        if name.startswith("SYNC_") and value is not None})
     try:
-        settings = Settings.from_environment(
-            environment, {"lock_file": args.lock_file, "stats_interval": args.stats_interval})
+        settings = Settings.from_environment(environment)
     except SettingsError as exc:
         for problem in exc.problems:
             print(f"setting error: {problem}", file=sys.stderr)
@@ -1155,7 +1256,8 @@ def main(argv=None):
         print(f"another instance is running (pid {holder}) for consumer {settings.sls_consumer_name}; "
               f"lock {settings.lock_file}", file=sys.stderr)
         return EXIT_OK
-    return run(settings)
+    count = worker_count(settings)
+    return run_workers(settings, count, environment) if count > 1 else run(settings)
 
 
 if __name__ == "__main__":
