@@ -672,6 +672,21 @@ class TlsTransport(TcpTransport):
 TRANSPORTS = {"udp": UdpTransport, "tcp": TcpTransport, "tls": TlsTransport}
 
 
+class RateLimiter:
+    """Says yes to a given key at most once per interval: one log line per condition, not per request."""
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.last = {}
+
+    def ready(self, key):
+        now = time.monotonic()
+        if now - self.last.get(key, -self.interval) >= self.interval:
+            self.last[key] = now
+            return True
+        return False
+
+
 class Delivery:
     """Sends batches through one transport, shared by all shards of this process.
 
@@ -686,22 +701,24 @@ class Delivery:
         self.stats = stats
         self.lock = threading.Lock()
         self.connected = False
+        self.warned = RateLimiter(60)
 
     def deliver(self, messages):
         """True once the transport accepted every message; False if the program is stopping."""
+        s = self.settings
         with self.lock:
-            failures = 0
+            failures, since = 0, time.monotonic()
             while not self.stop.is_set():
                 try:
                     if not self.connected:
                         self.transport.connect(self.stop)
                         self.connected = True
-                        if failures:
-                            log.info("reconnected to the syslog server %s:%d",
-                                     self.settings.syslog_host, self.settings.syslog_port)
                     self.transport.send(messages, self.stop)
                     if failures:
                         self.stats.add(resent=len(messages))
+                        log.info("syslog server %s:%d accepted the batch again after %d failed "
+                                 "attempts in %.0f s", s.syslog_host, s.syslog_port, failures,
+                                 time.monotonic() - since)
                     return True
                 except StopRequested:
                     break
@@ -709,13 +726,14 @@ class Delivery:
                     failures += 1
                     self.stats.add(send_errors=1)
                     self.disconnect()
-                    delay = min(self.settings.syslog_retry_max_delay, 0.5 * 2 ** min(failures, 16))
-                    delay *= random.uniform(0.5, 1.0)
-                    log.warning("cannot send %d messages to %s:%d over %s (attempt %d): %s; "
-                                "retrying in %.1f s", len(messages), self.settings.syslog_host,
-                                self.settings.syslog_port, self.settings.syslog_protocol, failures,
-                                describe_error(exc), delay)
-                    self.stop.wait(delay)
+                    # One line when an outage starts, then one a minute while it lasts.
+                    if failures == 1 or self.warned.ready("send"):
+                        log.warning("cannot send %d messages to %s:%d over %s (%d failed attempts "
+                                    "so far): %s; retrying, nothing is skipped", len(messages),
+                                    s.syslog_host, s.syslog_port, s.syslog_protocol, failures,
+                                    describe_error(exc))
+                    delay = min(s.syslog_retry_max_delay, 0.5 * 2 ** min(failures, 16))
+                    self.stop.wait(delay * random.uniform(0.5, 1.0))
             self.disconnect()
             return False
 
@@ -892,21 +910,6 @@ def cursor_number(cursor):
         return None
 
 
-class RateLimiter:
-    """Says yes to a given key at most once per interval: one log line per condition, not per request."""
-
-    def __init__(self, interval):
-        self.interval = interval
-        self.last = {}
-
-    def ready(self, key):
-        now = time.monotonic()
-        if now - self.last.get(key, -self.interval) >= self.interval:
-            self.last[key] = now
-            return True
-        return False
-
-
 class SdkLogFilter(logging.Filter):
     """Lets each distinct SDK message through once a minute, without its traceback."""
 
@@ -918,7 +921,8 @@ class SdkLogFilter(logging.Filter):
         if not record.name.startswith("aliyun"):
             return True
         record.exc_info = record.exc_text = None
-        return self.limiter.ready((record.name, record.getMessage()[:80]))
+        text = re.sub(r'"requestId": "[^"]*"', "", record.getMessage())  # unique per request
+        return self.limiter.ready((record.name, text[:160]))
 
 
 class Forwarder:

@@ -186,3 +186,12 @@ def test_replay_stops_at_cursor_end(make_emulator, rsyslog, tmp_path):
     # nothing received a group or more after it.
     assert times[0] == start and set(range(start, end)) <= set(times)
     assert max(times) < end + 10
+
+
+def test_the_local_demo_runs():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "tests/demo.py", "--logs", "100"], capture_output=True,
+                            text=True, timeout=120, cwd=SCRIPT.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lost 0" in result.stdout and "checkpoints at the end of every shard: True" in result.stdout
