@@ -34,9 +34,9 @@ Admin routes (origin-form, no signature; call them without the proxy)
 GET    /_emulator/state   JSON: {"project", "logstores": {LOGSTORE: {"shards": {"0": {
                           "begin_cursor", "end_cursor", "logs", "groups", "expired_logs"}},
                           "consumer_groups": {CG: {"timeout", "order", "consumers": {NAME: [shard]},
-                          "heartbeats": {NAME: {"seconds_ago", "listed", "releasing"}}, "checkpoints": {"0": C},
-                          "checkpoint_consumers": {"0": NAME}}}}}, "requests": {op: n},
-                          "errors": {errorCode: n}, "faults": [fault...]}
+                          "heartbeats": {NAME: {"seconds_ago", "listed", "releasing"}},
+                          "checkpoints": {"0": C}, "checkpoint_consumers": {"0": NAME}}}}},
+                          "requests": {op: n}, "errors": {errorCode: n}, "faults": [fault...]}
                           ("logs" counts the logs between the begin and end cursors.)
 POST   /_emulator/faults  body: one fault object or a list of them; answers {"faults": [...]}.
 DELETE /_emulator/faults  removes every fault.
@@ -48,8 +48,7 @@ A fault object (every key but "op" optional):
     {"op": "pull|heartbeat|checkpoint|get_checkpoint|cursor|cursor_time|put|list_shards|
             list_cg|create_cg|update_cg|delete_cg|any",
      "action": "error" (default) | "invalid_cursor" (400 InvalidCursor) | "drop" (close the
-               connection without an answer; the SDK reports LogRequestError and does NOT retry)
-               | "delay" (only the latency, then the normal answer),
+               connection without an answer) | "delay" (only the latency, then the normal answer),
      "status": 500, "errorCode": "InternalServerError", "errorMessage": "...",  (for "error")
      "latency": seconds to wait before acting,
      "count": apply to the next N matching requests only,
@@ -58,7 +57,10 @@ A fault object (every key but "op" optional):
               get_checkpoint), "consumer": only requests with this consumer (heartbeat, checkpoint),
      "duration": seconds after which the fault is inactive}
 The first active matching fault applies, after the signature check. Remember that the SDK
-retries 5xx answers 10 times, 1 s apart.
+retries 5xx answers 10 times, 1 s apart. It retries a dropped connection the same way, but only
+because clients come through the proxy setting: urllib3 then reports "HTTPConnectionPool(...)
+ProxyError", which the SDK treats as retryable; a direct connection to real SLS would report
+"Connection aborted", which it does not retry.
 
 Python API (tests and benchmarks)
 ---------------------------------
@@ -75,6 +77,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import functools
 import hashlib
 import hmac
 import json
@@ -128,7 +131,12 @@ class SlsError(Exception):
 # Protobuf (LogGroup / LogGroupList, proto2; see §6), written and scanned by hand so the emulator
 # does not share the SDK's serialisation code it is testing.
 
+_ONE_BYTE_VARINTS = [bytes((i,)) for i in range(0x80)]
+
+
 def _varint(value: int) -> bytes:
+    if value < 0x80:  # most keys and values are short: skip the loop
+        return _ONE_BYTE_VARINTS[value]
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -139,15 +147,6 @@ def _varint(value: int) -> bytes:
 
 def _length_delimited(field_number: int, payload: bytes) -> bytes:
     return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _encode_log(log_time: int, time_ns: Optional[int], contents: list) -> bytes:
-    parts = [b"\x08", _varint(log_time)]  # Time = 1, varint
-    for key, value in contents:
-        parts.append(_length_delimited(2, _length_delimited(1, key) + _length_delimited(2, value)))
-    if time_ns is not None:
-        parts.append(b"\x25" + time_ns.to_bytes(4, "little"))  # Time_ns = 4, fixed32
-    return b"".join(parts)
 
 
 def _encode_log_group(logs: list, topic: Optional[bytes], source: Optional[bytes],
@@ -216,36 +215,37 @@ def _wire(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")  # lone U+DC80..U+DCFF -> raw 0x80..0xFF
 
 
-def encode_log_groups(logs: Iterable[dict], group_size: int) -> list:
-    """Group consecutive logs with equal topic/source/tags (up to group_size) into LogGroups."""
-    groups = []
+@functools.lru_cache(maxsize=4096)
+def _key_field(key: str) -> bytes:
+    """A content key as the encoded `Key = 1` field (cached: every log repeats the same keys)."""
+    return _length_delimited(1, _wire(key))
+
+
+def encode_log_groups(logs: Iterable[dict], group_size: int):
+    """Yield LogGroups of consecutive logs with equal topic/source/tags (up to group_size)."""
     current_key, current_logs, first_time = None, [], 0
-
-    def close_group():
-        if current_logs:
-            topic, source, tags = current_key
-            groups.append(EncodedGroup(_encode_log_group(current_logs, topic, source, tags),
-                                       len(current_logs), first_time))
-
     for number, log in enumerate(logs, 1):
         try:
-            log_time, time_ns, key, contents = _split_log(log)
+            encoded, log_time, key = _encode_log(log)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"log {number}: {exc}") from None
-        if key != current_key or len(current_logs) >= group_size:
-            close_group()
-            current_key, current_logs, first_time = key, [], log_time
-        current_logs.append(_encode_log(log_time, time_ns, contents))
-    close_group()
-    return groups
+        if current_logs and (key != current_key or len(current_logs) >= group_size):
+            yield EncodedGroup(_encode_log_group(current_logs, *current_key), len(current_logs), first_time)
+            current_logs = []
+        if not current_logs:
+            current_key, first_time = key, log_time
+        current_logs.append(encoded)
+    if current_logs:
+        yield EncodedGroup(_encode_log_group(current_logs, *current_key), len(current_logs), first_time)
 
 
-def _split_log(log: dict) -> tuple:
+def _encode_log(log: dict) -> tuple:
+    """(serialized Log, its time, its LogGroup key (topic, source, tags)) for one log dict."""
     if not isinstance(log, dict):
         raise TypeError("a log must be a JSON object")
     log_time, time_ns, topic, source, tags, contents = int(time.time()), None, None, None, [], []
     for key, value in log.items():
-        if not isinstance(value, str):
+        if type(value) is not str:
             raise TypeError(f"value of {key!r} must be a string, not {type(value).__name__}")
         if key == "__time__":
             log_time = _unsigned(key, value, 2 ** 32 - 1)
@@ -258,8 +258,13 @@ def _split_log(log: dict) -> tuple:
         elif key.startswith("__tag__:"):
             tags.append((_wire(key[len("__tag__:"):]), _wire(value)))
         else:
-            contents.append((_wire(key), _wire(value)))
-    return log_time, time_ns, (topic, source, tuple(tags)), contents
+            value_bytes = _wire(value)
+            content = _key_field(key) + b"\x12" + _varint(len(value_bytes)) + value_bytes
+            contents += (b"\x12", _varint(len(content)), content)  # Contents = 2: {Key, Value}
+    encoded = b"\x08" + _varint(log_time) + b"".join(contents)  # Time = 1
+    if time_ns is not None:
+        encoded += b"\x25" + time_ns.to_bytes(4, "little")  # Time_ns = 4, fixed32
+    return encoded, log_time, (topic, source, tuple(tags))
 
 
 def _unsigned(key: str, value: str, maximum: int) -> int:
@@ -268,22 +273,21 @@ def _unsigned(key: str, value: str, maximum: int) -> int:
     return int(value)
 
 
-def parse_jsonl(text: str, origin: str) -> list:
-    """The logs of a JSONL text (blank lines ignored); errors name origin and line number."""
-    logs = []
-    for number, line in enumerate(text.splitlines(), 1):
+def iter_jsonl(lines: Iterable[str], origin: str):
+    """The logs of JSONL lines (blank lines skipped); errors name origin and line number."""
+    for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                logs.append(json.loads(line))
+                yield json.loads(line)
             except ValueError as exc:
                 raise ValueError(f"{origin}:{number}: {exc}") from None
-    return logs
 
 
-def read_jsonl_file(path: str) -> list:
+def iter_jsonl_file(path: str):
+    """The logs of a JSONL file, streamed: a big file never sits in memory as dicts."""
     # surrogateescape: raw invalid UTF-8 bytes in the file survive as the same bytes on the wire.
     with open(path, encoding="utf-8", errors="surrogateescape") as source:
-        return parse_jsonl(source.read(), path)
+        yield from iter_jsonl(source, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +419,7 @@ class ConsumerGroup:
                 break
             if shard not in owned and shard not in busy_elsewhere:
                 caller.held.add(shard)
+        caller.releasing -= caller.held  # given back to the consumer that was draining it
 
     def describe(self, now: float) -> dict:
         return {
@@ -738,21 +743,26 @@ class SlsService:
     # -- data ------------------------------------------------------------------------------
 
     def add_logs(self, logs: Iterable[dict], receive_time: Optional[float] = None) -> int:
-        """Append logs as received now (or at receive_time); returns the LogGroups added."""
+        """Append logs as received now (or at receive_time); returns the LogGroups added.
+        All or nothing: a bad log raises ValueError before anything is stored."""
         when = time.time() if receive_time is None else receive_time
-        return self._store(encode_log_groups(logs, self.group_size), lambda group: when)
+        groups = list(encode_log_groups(logs, self.group_size))
+        return self._store(groups, lambda group: when)
 
     def load_logs(self, logs: Iterable[dict]) -> int:
-        """Append logs as history: each LogGroup counts as received at its first log's __time__."""
+        """Append logs as history: each LogGroup counts as received at its first log's __time__.
+        Streams (for big --load files): on a bad log, the logs before it stay loaded."""
         return self._store(encode_log_groups(logs, self.group_size), lambda group: group.first_time)
 
-    def _store(self, groups: list, receive_time_of: Callable) -> int:
-        with self._lock:
-            for group in groups:
+    def _store(self, groups: Iterable[EncodedGroup], receive_time_of: Callable) -> int:
+        stored = 0
+        for group in groups:  # encoded lazily, outside the lock
+            with self._lock:
                 shard = self._shards[self._next_lb_shard]
                 self._next_lb_shard = (self._next_lb_shard + 1) % len(self._shards)
                 shard.append(group.raw, group.log_count, receive_time_of(group))
-        return len(groups)
+            stored += 1
+        return stored
 
     def expire(self, shard: int, groups: int) -> dict:
         """Let the TTL drop the shard's `groups` oldest LogGroups; returns the shard's state."""
@@ -992,7 +1002,7 @@ class SlsService:
                 self.clear_faults()
                 return Reply.json({"faults": []})
             if (method, path) == ("POST", "/_emulator/logs"):
-                logs = parse_jsonl(body.decode("utf-8", "surrogateescape"), "body")
+                logs = list(iter_jsonl(body.decode("utf-8", "surrogateescape").splitlines(), "body"))
                 return Reply.json({"logs": len(logs), "groups": self.add_logs(logs)})
             if (method, path) == ("POST", "/_emulator/expire"):
                 spec = json.loads(body)
@@ -1012,6 +1022,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _serve(self):
         length = int(self.headers.get("Content-Length") or 0)
+        if length and hasattr(socket, "TCP_QUICKACK"):
+            # Clients come through the proxy setting, where urllib3 leaves Nagle on: it holds the
+            # body until the headers are ACKed, and a delayed ACK would stall every POST ~40 ms.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         body = self.rfile.read(length) if length else b""
         reply = self.server.service.handle(self.command, self.path, self.headers, body)
         if reply.drop:
@@ -1095,8 +1109,9 @@ class SlsEmulator(SlsService, _ClientSide):
 
     def start(self) -> "SlsEmulator":
         self._server = _HttpServer(("127.0.0.1", self._requested_port), self)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="sls-emulator",
-                                        daemon=True)
+        # A short poll interval keeps stop() quick; serve_forever checks for shutdown that often.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        name="sls-emulator", daemon=True)
         self._thread.start()
         return self
 
@@ -1229,7 +1244,10 @@ def main(argv: Optional[list] = None) -> int:
     emulator = SlsEmulator(args.project, args.logstore, args.shards, args.access_key_id,
                            args.access_key_secret, port=args.port, group_size=args.group_size)
     for path in args.load:
-        emulator.load_logs(read_jsonl_file(path))
+        try:
+            emulator.load_logs(iter_jsonl_file(path))
+        except (OSError, ValueError) as exc:
+            parser.error(f"--load {path}: {exc}")
     with emulator:
         print(f"{ADDR_LINE_PREFIX}{emulator.addr}", flush=True)
         stop_requested.wait()

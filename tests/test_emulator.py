@@ -49,9 +49,13 @@ def shard_states(emulator):
 
 def put(client, logs, **request_options):
     """One SDK put_logs call (one LogGroup) with the logs' content fields."""
-    items = [LogItem(timestamp=int(log["__time__"]),
-                     contents=[(k, v) for k, v in log.items() if not k.startswith("__")])
-             for log in logs]
+    items = []
+    for log in logs:
+        item = LogItem(timestamp=int(log["__time__"]))
+        for key, value in log.items():
+            if not key.startswith("__"):
+                item.push_back(key, value)  # LogItem(contents=...) deep-copies: 20x slower
+        items.append(item)
     client.put_logs(PutLogsRequest(PROJECT, LOGSTORE, "waf_access_log", "192.0.2.1", items,
                                    logtags=[("batch", logs[0]["request_traceid"])], **request_options))
 
@@ -350,11 +354,11 @@ def test_fault_filters_actions_and_clearing(emulator, client):
             outcomes.append(error.get_error_code())
     assert outcomes == ["ok", "WriteQuotaExceed", "ok", "WriteQuotaExceed"]
 
+    # Through the proxy, the SDK sees a dropped connection as a retryable HTTPConnectionPool error.
     emulator.inject(op="list_cg", count=1, action="drop")
-    with pytest.raises(LogException) as raised:  # a dropped connection is not retried by the SDK
-        client.list_consumer_group(PROJECT, LOGSTORE)
-    assert raised.value.get_error_code() == "LogRequestError"
     assert len(client.list_consumer_group(PROJECT, LOGSTORE).get_consumer_groups()) == 1
+    state = emulator.state()
+    assert (state["faults"][-1]["applied"], state["requests"]["list_cg"]) == (1, 2)
 
     emulator.inject(op="any", action="delay", latency=0.01)
     emulator.clear_faults()
