@@ -792,7 +792,6 @@ class Stats:
 def make_processor_class():
     """The ConsumerProcessorBase subclass, built here so the SDK is imported only when running."""
     from aliyun.log.consumer import ConsumerProcessorBase
-    from aliyun.log.consumer.exceptions import CheckPointException
 
     class WafLogProcessor(ConsumerProcessorBase):
         """One per shard: encode a batch, deliver it, and only then move the checkpoint."""
@@ -827,11 +826,7 @@ def make_processor_class():
                 return
             if self.forwarder.trackers.get(self.shard_id) is tracker:
                 del self.forwarder.trackers[self.shard_id]
-            try:
-                tracker.flush_check_point()
-            except CheckPointException as exc:
-                log.error("shard %d: could not save the checkpoint at shutdown: %s "
-                          "(logs after the previous checkpoint will be sent again)", self.shard_id, exc)
+            save_delivered_checkpoint(tracker)
 
     return WafLogProcessor
 
@@ -944,13 +939,22 @@ class Forwarder:
         """Save every shard's delivered position in SLS about once a second (a thread of its own,
         as a write can block for the SDK's retries). The SDK alone saves at most every 3 s while
         data flows and only 30 s after a shard goes idle: a crash then repeats more logs."""
-        from aliyun.log.consumer.exceptions import CheckPointException
         while not self.stop.wait(interval):
             for tracker in list(self.trackers.values()):
-                try:
-                    tracker.flush_check_point()
-                except CheckPointException:
-                    pass  # ResilientConsumerClient keeps it and says so
+                save_delivered_checkpoint(tracker)
+
+
+def save_delivered_checkpoint(tracker):
+    """Persist a shard's delivered position (a failed write is kept by ResilientConsumerClient).
+
+    Not the SDK's tracker.flush_check_point(): it reads the position before the write and again
+    after it, so when process() moves it meanwhile (the flush thread runs beside it) it records
+    as saved a position it never wrote, and the shard's last position is then never saved."""
+    with tracker.lock:
+        cursor = tracker.get_check_point()
+        if cursor and cursor != tracker.last_persistent_checkpoint:
+            tracker.consumer_group_client.update_check_point(tracker.shard_id, tracker.consumer_name, cursor)
+            tracker.set_persistent_check_point(cursor)
 
 
 def consumer_config(settings):
@@ -1004,8 +1008,12 @@ def run(settings):
     status = supervise(settings, worker, forwarder, stop)
     log.info("stopping: saving the checkpoints of delivered logs and releasing the shards")
     stop.set()
-    worker.shutdown()
+    # ConsumerWorker.shutdown() stops the heartbeat at once, so after the group timeout another
+    # member may get a shard before this one has saved its last checkpoint there (duplicates).
+    # Keep heartbeating, so the shards stay ours, until every shard consumer has shut down.
+    worker.shut_down_flag = True
     worker.join()
+    worker.heart_beat.shutdown()
     forwarder.delivery.close()
     if not client.save_unsaved():
         log.error("some checkpoints could not be saved in SLS; their logs will be sent again next time")
