@@ -37,6 +37,8 @@ SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
   SLS_FETCH_INTERVAL      seconds between fetch rounds                                  default 1
   SLS_MAX_FETCH_GROUPS    most log groups fetched per pull (1-1000)                   default 1000
   SLS_WORKER_POOL_SIZE    SDK threads shared by fetching and processing                  default 2
+  SLS_TOPICS              send only logs of these topics (comma list, e.g. waf_access_log); the
+                          others are skipped, yet checkpointed as done                default all
 
 SETTINGS: syslog
   SYSLOG_HOST             syslog server host name or IP                                   (required)
@@ -44,8 +46,16 @@ SETTINGS: syslog
   SYSLOG_PORT             port                                    default 514 (6514 for tls)
   SYSLOG_FORMAT           rfc5424 | rfc3164                                        default rfc5424
   SYSLOG_FRAMING          octet-counting | lf   (tcp/tls only)                default octet-counting
-  SYSLOG_SEP              separator between key=value pairs; ASCII punctuation, space or TAB,
+  SYSLOG_ENCODING         MSG: kv (key=value), json, cef (ArcSight) or leef (QRadar)    default kv
+  SYSLOG_SEP              kv: separator between key=value pairs; ASCII punctuation, space or TAB,
                           not \\ or =                                                  default ,
+  SYSLOG_LEEF_DELIMITER   leef: attribute delimiter; TAB or one ASCII punctuation character
+                          other than = | _ : \\, or its hex code (x09, 0x5e)           default TAB
+  SYSLOG_FIELDS_INCLUDE   send only the fields matching these shell-style patterns (comma list,
+                          case-sensitive, e.g. __tag__:*,host,real_client_ip)          default all
+  SYSLOG_FIELDS_EXCLUDE   do not send the fields matching these patterns, e.g. wxbb_*,upstream_*
+  SYSLOG_FIELDS_RENAME    send fields under other names: old:new,... (split at the last colon);
+                          the patterns above match the old names
   SYSLOG_FACILITY         facility name (kern, user, ..., local0..local7) or number     default user
   SYSLOG_SEVERITY         severity name (emerg ... debug) or number                    default info
   SYSLOG_HOSTNAME         HOSTNAME field of every message                     default this host
@@ -71,18 +81,33 @@ SETTINGS: this program
 MESSAGE
   One message per log. RFC 5424: <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID - - MSG, where TIMESTAMP is
   the log's own time (__time__ and its nanosecond part) in local time with its UTC offset.
-  RFC 3164: <PRI>Mmm dd hh:mm:ss HOSTNAME TAG: MSG. MSG is key=value pairs joined by SYSLOG_SEP:
-  __topic__, __source__, every __tag__:*, then the WAF fields in their original order. Escaping in
-  keys and values: \\ -> \\\\, LF -> \\n, CR -> \\r, the separator -> \\ + separator, other control
-  characters except TAB -> \\xHH, and = in keys -> \\=. (With a multi-character separator, a value that
-  ends in the separator's first characters has those written as \\xHH, so splitting stays exact.)
-  Invalid UTF-8 becomes U+FFFD.
+  RFC 3164: <PRI>Mmm dd hh:mm:ss HOSTNAME TAG: MSG. MSG holds __topic__, __source__, every __tag__:*,
+  then the WAF fields in their original order (as selected by SYSLOG_FIELDS_*); invalid UTF-8 becomes
+  U+FFFD. By SYSLOG_ENCODING:
+  kv    key=value pairs joined by SYSLOG_SEP. Escaping in keys and values: \\ -> \\\\, LF -> \\n,
+        CR -> \\r, the separator -> \\ + separator, other control characters except TAB -> \\xHH, and
+        = in keys -> \\=. (With a multi-character separator, a value that ends in the separator's
+        first characters has those written as \\xHH, so splitting stays exact.)
+  json  one compact JSON object of strings, UTF-8.
+  cef   CEF:0|Alibaba Cloud|WAF|3.0|<module>:<rule id>|<module> <rule type> <action>|<severity>|...
+        then key=value pairs separated by spaces: WAF fields under CEF keys (CEF_KEYS, e.g.
+        real_client_ip -> src, time -> rt in epoch ms), the others as AliyunWaf<Name>. Escaping per
+        CEF (header \\ and |, extension \\ = LF CR); other control characters become \\xHH text.
+  leef  LEEF:2.0|Alibaba Cloud|WAF|3.0|<module>:<rule id>|<delimiter>|sev=<severity><delimiter>...
+        WAF fields under LEEF keys (LEEF_KEYS, e.g. real_client_ip -> src, time -> devTime), the
+        others under their own name. LEEF cannot escape: in values LF, CR, the delimiter and other
+        control characters become \\n, \\r, \\t or \\xHH text, in header fields | becomes \\x7c.
+  cef and leef leave out empty values; their event id, name and severity say what WAF did (blocked
+  8, challenged 5-6, monitored 5, nothing 2: EVENT_SEVERITY), from all fields, whatever is selected.
+  The mapping tables are under "SIEM mappings" in this file, ready to edit; README.md has examples.
 """
 import argparse
 import dataclasses
 import errno
 import fcntl
+import fnmatch
 import functools
+import json
 import logging
 import os
 import random
@@ -119,6 +144,10 @@ SEVERITIES = {
 }
 PRINTABLE_ASCII = frozenset(chr(c) for c in range(33, 127))
 SEPARATOR_CHARS = frozenset(string.punctuation + " \t") - {"\\", "="}
+ENCODINGS = ("kv", "json", "cef", "leef")
+# LEEF cannot escape: "=" ends a key, "|" a header field, "_" and ":" appear in keys (__tag__:x),
+# and "\\" starts the \xHH text that replaces a delimiter inside a value.
+LEEF_DELIMITERS = frozenset(string.punctuation + "\t") - {"=", "|", "_", ":", "\\"}
 
 
 class SettingsError(Exception):
@@ -145,12 +174,18 @@ class Settings:
     sls_fetch_interval: float
     sls_max_fetch_groups: int
     sls_worker_pool_size: int
+    sls_topics: frozenset          # empty = every topic
     syslog_host: str
     syslog_port: int
     syslog_protocol: str
     syslog_format: str
     syslog_framing: str
+    syslog_encoding: str           # kv | json | cef | leef
     syslog_separator: str
+    syslog_leef_delimiter: str     # one character
+    syslog_fields_include: tuple   # shell-style patterns; empty = every field
+    syslog_fields_exclude: tuple   # shell-style patterns
+    syslog_fields_rename: tuple    # (old name, new name) pairs
     syslog_facility: int
     syslog_severity: int
     syslog_hostname: str
@@ -244,6 +279,48 @@ class _SettingsReader:
                                  f"characters without spaces")
         return value
 
+    def name_list(self, name):
+        """A comma-separated list; items are stripped and empty ones ignored."""
+        return tuple(item.strip() for item in self.text(name).split(",") if item.strip())
+
+    def leef_delimiter(self, name):
+        raw = self.env.get(name, "")
+        text = raw.strip() or raw  # a TAB given literally is kept
+        hex_code = re.fullmatch(r"0?x([0-9a-f]{2})", text, re.IGNORECASE)
+        delimiter = chr(int(hex_code.group(1), 16)) if hex_code else text or "\t"
+        if delimiter not in LEEF_DELIMITERS:
+            self.problems.append(f"{name}: {raw!r} must be TAB or one ASCII punctuation character "
+                                 "other than = | _ : \\, or its hex code such as x09 or 0x5e")
+            return "\t"
+        return delimiter
+
+    def field_selection(self):
+        """(include, exclude, rename) from SYSLOG_FIELDS_*; contradictions are problems."""
+        include = self.name_list("SYSLOG_FIELDS_INCLUDE")
+        exclude = self.name_list("SYSLOG_FIELDS_EXCLUDE")
+        for entry in include:
+            literal = not set(entry) & set("*?[")
+            if entry in exclude or (literal and not is_sent(entry, (), exclude)):
+                self.problems.append(f"SYSLOG_FIELDS_INCLUDE: {entry!r} is excluded again by "
+                                     "SYSLOG_FIELDS_EXCLUDE")
+        rename = []
+        for item in self.name_list("SYSLOG_FIELDS_RENAME"):
+            old, _, new = item.rpartition(":")  # the last colon: tag names contain one themselves
+            old, new = old.strip(), new.strip()
+            if not old or not new:
+                self.problems.append(f"SYSLOG_FIELDS_RENAME: {item!r} is not old:new")
+            elif not is_sent(old, include, exclude):
+                self.problems.append(f"SYSLOG_FIELDS_RENAME: {old!r} is not sent "
+                                     "(SYSLOG_FIELDS_INCLUDE / SYSLOG_FIELDS_EXCLUDE)")
+            else:
+                rename.append((old, new))
+        olds, news = [old for old, _ in rename], [new for _, new in rename]
+        for old in sorted({old for old in olds if olds.count(old) > 1}):
+            self.problems.append(f"SYSLOG_FIELDS_RENAME: {old!r} is renamed more than once")
+        for new in sorted({new for new in news if news.count(new) > 1}):
+            self.problems.append(f"SYSLOG_FIELDS_RENAME: more than one field is renamed to {new!r}")
+        return include, exclude, tuple(rename)
+
     def read(self):
         consumer_group = self.text("SLS_CG", "WAF-SLS")
         protocol = self.choice("SYSLOG_PROTOCOL", "tcp", {"udp", "tcp", "tls"})
@@ -266,6 +343,7 @@ class _SettingsReader:
         workers = self.text("SYNC_WORKERS", "1").lower()
         if workers != "auto":
             workers = self.number("SYNC_WORKERS", 1, 1, 256)
+        include, exclude, rename = self.field_selection()
         settings = Settings(
             sls_endpoint=self.required("SLS_ENDPOINT"),
             sls_access_key_id=self.required("SLS_AK_ID"),
@@ -281,12 +359,18 @@ class _SettingsReader:
             sls_fetch_interval=self.number("SLS_FETCH_INTERVAL", 1.0, 0.01, 3600, float),
             sls_max_fetch_groups=self.number("SLS_MAX_FETCH_GROUPS", 1000, 1, 1000),
             sls_worker_pool_size=self.number("SLS_WORKER_POOL_SIZE", 2, 1, 64),
+            sls_topics=frozenset(self.name_list("SLS_TOPICS")),
             syslog_host=self.required("SYSLOG_HOST"),
             syslog_port=self.number("SYSLOG_PORT", 6514 if protocol == "tls" else 514, 1, 65535),
             syslog_protocol=protocol,
             syslog_format=syslog_format,
             syslog_framing=self.choice("SYSLOG_FRAMING", "octet-counting", {"octet-counting", "lf"}),
+            syslog_encoding=self.choice("SYSLOG_ENCODING", "kv", set(ENCODINGS)),
             syslog_separator=separator,
+            syslog_leef_delimiter=self.leef_delimiter("SYSLOG_LEEF_DELIMITER"),
+            syslog_fields_include=include,
+            syslog_fields_exclude=exclude,
+            syslog_fields_rename=rename,
             syslog_facility=self.code("SYSLOG_FACILITY", "user", FACILITIES, 23),
             syslog_severity=self.code("SYSLOG_SEVERITY", "info", SEVERITIES, 7),
             syslog_hostname=self.header_field("SYSLOG_HOSTNAME", default_hostname(), 255),
@@ -322,14 +406,14 @@ class _SettingsReader:
 
 def parse_time(text):
     """Unix seconds from an ISO-8601 time (naive = local time) or from digits; None if neither."""
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text)
     try:
         import datetime
         value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        return int(value.timestamp())
+    except (ValueError, OverflowError, OSError):  # not a time, or one the platform cannot convert
         return None
-    return int(value.timestamp())
 
 
 def default_hostname():
@@ -353,6 +437,65 @@ def load_env_file(path, environ):
 # ================================================================================================
 # Encoders: pure functions from a WAF log to the bytes of one syslog message
 # ================================================================================================
+
+# ------------------------------------------------------------------------------------------------
+# SIEM mappings for SYSLOG_ENCODING=cef and leef: edit these tables to change what goes where.
+# They are looked up with the names fields are sent under (after SYSLOG_FIELDS_RENAME). A field not
+# listed keeps a custom key (cef_key, leef_key); a field with an empty value is left out.
+# ------------------------------------------------------------------------------------------------
+
+DEVICE_VENDOR, DEVICE_PRODUCT, DEVICE_VERSION = "Alibaba Cloud", "WAF", "3.0"
+
+CEF_KEYS = {  # WAF field -> CEF extension key
+    "real_client_ip": "src",             # the client as WAF saw it through proxies
+    "src_port": "spt",
+    "host": "dhost",
+    "dst_port": "dpt",
+    "request_uri": "request",            # path and query string
+    "request_method": "requestMethod",
+    "http_user_agent": "requestClientApplication",
+    "http_referer": "requestContext",
+    "http_cookie": "requestCookies",
+    "request_length": "in",
+    "body_bytes_sent": "out",
+    "final_action": "act",
+    "request_traceid": "externalId",
+    "time": "rt",                        # as epoch milliseconds (see CEF_TIME_KEYS)
+    "final_rule_id": "cs1",              # csN, cnN, flexStringN ...: csNLabel = the WAF field name
+    "final_rule_type": "cs2",
+    "final_plugin": "cs3",
+    "http_x_forwarded_for": "cs4",
+    "matched_host": "cs5",
+    "request_body": "cs6",
+}
+CEF_TIME_KEYS = {"rt", "start", "end"}   # values (ISO 8601 or Unix seconds) sent as epoch ms
+CEF_CUSTOM_KEY_PREFIX = "AliyunWaf"      # other fields: prefix + name in CamelCase (AliyunWafSslCipher)
+
+LEEF_KEYS = {  # WAF field -> LEEF attribute; other fields keep their name (see leef_custom_key)
+    "real_client_ip": "src",
+    "src_port": "srcPort",
+    "dst_port": "dstPort",
+    "request_uri": "url",
+    "request_length": "srcBytes",
+    "body_bytes_sent": "dstBytes",
+    "final_rule_type": "cat",            # with the EventID, what QRadar maps to a QID
+    "time": "devTime",                   # in LEEF_TIME_FORMAT, UTC, followed by devTimeFormat
+}
+LEEF_TIME_FORMAT = "MMM dd yyyy HH:mm:ss z"  # Java SimpleDateFormat, e.g. Nov 27 2026 10:11:05 GMT
+
+# Severity (CEF 0-10, LEEF sev 1-10) by what WAF did: its final_action, "monitor" (a module in
+# observation mode matched and let the request pass) or "access" (no module acted).
+EVENT_SEVERITY = {
+    "block": 8,
+    "captcha_strict": 6, "captcha": 5, "sigchl": 5, "js": 5,
+    "monitor": 5,
+    "access": 2,
+}
+OTHER_ACTION_SEVERITY = 5  # a final_action the table does not list
+
+# ------------------------------------------------------------------------------------------------
+# key=value (SYSLOG_ENCODING=kv, the default)
+# ------------------------------------------------------------------------------------------------
 
 _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in range(32) if c != 9}  # TAB is kept
 _CONTROL_ESCAPES.update({10: "\\n", 13: "\\r", 92: "\\\\"})
@@ -406,6 +549,186 @@ def log_fields(log):
     return [(text_of(c.Key), text_of(c.Value)) for c in log.Contents]
 
 
+# ------------------------------------------------------------------------------------------------
+# Field selection (every encoding): SYSLOG_FIELDS_INCLUDE / _EXCLUDE / _RENAME
+# ------------------------------------------------------------------------------------------------
+
+def is_sent(name, include, exclude):
+    """Does a field pass the include and exclude patterns (shell-style, case-sensitive)?"""
+    return ((not include or any(fnmatch.fnmatchcase(name, pattern) for pattern in include))
+            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude))
+
+
+def field_selector(include, exclude, rename):
+    """A function (fields -> the fields sent, under the names they are sent as). Patterns match
+    the SLS names; renaming comes after. The decision per name is cached: names repeat in every log."""
+    if not (include or exclude or rename):
+        return lambda fields: fields
+    new_names = dict(rename)
+
+    @functools.lru_cache(maxsize=4096)
+    def sent_name(name):
+        return new_names.get(name, name) if is_sent(name, include, exclude) else None
+
+    return functools.partial(select_fields, sent_name=sent_name)
+
+
+def select_fields(fields, sent_name):
+    """The fields whose sent_name is not None, renamed to it, in their order."""
+    return [(name, value) for name, value in ((sent_name(k), v) for k, v in fields) if name is not None]
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON, CEF and LEEF (SYSLOG_ENCODING=json / cef / leef)
+# ------------------------------------------------------------------------------------------------
+
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_json(fields):
+    """MSG body: one compact JSON object, keys in field order. A name given twice (possible only
+    through SYSLOG_FIELDS_RENAME) keeps its first position and its last value."""
+    return _JSON_ENCODER.encode(dict(fields))
+
+
+def waf_event(fields):
+    """(event id, name, severity) of a WAF log for the CEF and LEEF headers: what the deciding
+    module did, e.g. ("waf:113001", "waf sqli block", 8), or ("access", "access", 2) if none acted."""
+    values = dict(fields)
+    action = values.get("final_action", "")
+    module = values.get("final_plugin", "")
+    rule_id, rule_type = values.get("final_rule_id", ""), values.get("final_rule_type", "")
+    if not action:
+        # Observation mode: a module logs its <module>_action but lets the request pass.
+        module = next((key[:-5] for key, value in fields if value == "true" and key.endswith("_test")
+                       and values.get(key[:-5] + "_action")), "")
+        if module:
+            action = "monitor"
+            rule_id, rule_type = values.get(module + "_rule_id", ""), values.get(module + "_rule_type", "")
+    event_id = f"{module}:{rule_id}" if module and rule_id else module or "access"
+    name = " ".join(part for part in (module, rule_type, action) if part) or "access"
+    return event_id, name, EVENT_SEVERITY.get(action or "access", OTHER_ACTION_SEVERITY)
+
+
+@functools.lru_cache(maxsize=4096)
+def log_time_seconds(text):
+    """Unix seconds of a time field (WAF `time` is ISO 8601); None if it is not a time."""
+    return parse_time(text)
+
+
+def replacer(table):
+    """A function replacing every character that is a key of `table` by its value, in one pass."""
+    pattern = re.compile("[" + "".join(map(re.escape, table)) + "]")
+    return functools.partial(pattern.sub, lambda match: table[match.group()])
+
+
+# CEF and LEEF cannot carry control characters (CEF only LF and CR, escaped): they become this text.
+_CONTROL_TEXT = {"\t": "\\t", "\n": "\\n", "\r": "\\r",
+                 **{chr(c): f"\\x{c:02x}" for c in range(32) if chr(c) not in "\t\n\r"}}
+_OTHER_CONTROLS = {c: text for c, text in _CONTROL_TEXT.items() if c not in "\t\n\r"}
+
+# CEF escaping: header \ and |; extension \ and =, line breaks as \n and \r. The backslash of a
+# control character's text is escaped too, so a parser gives back that text.
+_escape_cef_header = replacer({"\\": "\\\\", "|": "\\|", **{c: "\\" + t for c, t in _CONTROL_TEXT.items()}})
+_escape_cef_value = replacer({"\\": "\\\\", "=": "\\=", "\n": "\\n", "\r": "\\r",
+                              **{c: "\\" + t for c, t in _OTHER_CONTROLS.items()}})
+_CEF_LABELED_KEY = re.compile(r"(cs|cn|cfp|c6a|flexString|flexNumber|flexDate)\d")
+_CEF_PREFIX = "CEF:0|" + "|".join(map(_escape_cef_header, (DEVICE_VENDOR, DEVICE_PRODUCT,
+                                                             DEVICE_VERSION)))
+
+
+def cef_custom_key(name):
+    """CEF_CUSTOM_KEY_PREFIX + the name's letters and digits in CamelCase: CEF keys are alphanumeric."""
+    return CEF_CUSTOM_KEY_PREFIX + "".join(word[:1].upper() + word[1:]
+                                           for word in re.findall("[A-Za-z0-9]+", name))
+
+
+@functools.lru_cache(maxsize=4096)
+def cef_key(name):
+    """(extension key, its label key or None) for a field name."""
+    key = CEF_KEYS.get(name) or cef_custom_key(name)
+    return key, (key + "Label" if _CEF_LABELED_KEY.fullmatch(key) else None)
+
+
+def encode_cef(fields, event):
+    """MSG body in CEF: the header names the WAF's decision (`event`, from waf_event), the
+    extension holds the fields under their keys (CEF_KEYS, cef_key), empty values left out."""
+    event_id, name, severity = event
+    pairs = []
+    for field, value in fields:
+        if not value:
+            continue
+        key, label = cef_key(field)
+        if key in CEF_TIME_KEYS:
+            seconds = log_time_seconds(value)
+            if seconds is None:  # not a time: sent as it is, under a custom key
+                key, label = cef_custom_key(field), None
+            else:
+                value = str(seconds * 1000)
+        pairs.append(f"{key}={_escape_cef_value(value)}")
+        if label:
+            pairs.append(f"{label}={_escape_cef_value(field)}")
+    return (f"{_CEF_PREFIX}|{_escape_cef_header(event_id)}|{_escape_cef_header(name)}|{severity}|"
+            + " ".join(pairs))
+
+
+# LEEF has no escaping: what would break an event is replaced by text (\n, \r, \t, \xHH): control
+# characters, "|" in header fields and the delimiter in values. "=" stays (a key ends at the first).
+_replace_leef_header = replacer({"|": "\\x7c", **_CONTROL_TEXT})
+_LEEF_PREFIX = "LEEF:2.0|" + "|".join(map(_replace_leef_header, (DEVICE_VENDOR, DEVICE_PRODUCT,
+                                                                   DEVICE_VERSION)))
+
+
+@functools.lru_cache(maxsize=8)
+def leef_value_replacer(delimiter):
+    return replacer({**_OTHER_CONTROLS, "\n": "\\n", "\r": "\\r",
+                     delimiter: _CONTROL_TEXT.get(delimiter, f"\\x{ord(delimiter):02x}")})
+
+
+def leef_custom_key(name):
+    """The name with every character but letters, digits, _ and : as _: LEEF keys are single words."""
+    return re.sub("[^A-Za-z0-9_:]", "_", name) or "_"
+
+
+@functools.lru_cache(maxsize=4096)
+def leef_key(name):
+    return LEEF_KEYS.get(name) or leef_custom_key(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def leef_time(seconds):
+    """A time in LEEF_TIME_FORMAT, in UTC."""
+    t = time.gmtime(seconds)
+    return (f"{MONTHS[t.tm_mon - 1]} {t.tm_mday:02d} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+def encode_leef(fields, event, delimiter):
+    """MSG body in LEEF 2.0: the EventID names the WAF's decision (`event`, from waf_event), then
+    sev and the fields under their keys (LEEF_KEYS, leef_key), empty values left out."""
+    event_id, _, severity = event
+    replace = leef_value_replacer(delimiter)
+    attributes = [f"sev={severity}"]
+    for field, value in fields:
+        if not value:
+            continue
+        key = leef_key(field)
+        if key == "devTime":
+            seconds = log_time_seconds(value)
+            if seconds is not None:
+                attributes += [f"devTime={leef_time(seconds)}", f"devTimeFormat={LEEF_TIME_FORMAT}"]
+                continue
+            key = leef_custom_key(field)  # not a time: sent as it is, under its own name
+        attributes.append(f"{key}={replace(value)}")
+    # The delimiter field: the character itself, or its hex code when it is not printable (TAB).
+    declared = delimiter if delimiter.isprintable() else f"x{ord(delimiter):02x}"
+    return f"{_LEEF_PREFIX}|{_replace_leef_header(event_id)}|{declared}|" + delimiter.join(attributes)
+
+
+# ------------------------------------------------------------------------------------------------
+# The syslog message around the body
+# ------------------------------------------------------------------------------------------------
+
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -444,8 +767,9 @@ def fit_message(header, fields, encode_body, max_size):
     """Header + body as bytes within max_size; (bytes, truncated?).
 
     The longest values are cut (at a character boundary, marked with "...") until the message fits,
-    so every field stays present and the body stays parseable; a header that alone is too long is
-    cut at a UTF-8 boundary as a last resort."""
+    so every field stays present and the body stays well-formed in every encoding. If even the keys
+    do not fit, fields are left out from the end; a header that alone is too long is cut at a UTF-8
+    boundary as a last resort."""
     head = header.encode()
     body = encode_body(fields).encode()
     if len(head) + len(body) <= max_size:
@@ -462,6 +786,9 @@ def fit_message(header, fields, encode_body, max_size):
             break
         keep = raw[:max(0, len(raw) - excess - 3)].decode("utf-8", "ignore")
         fields[index] = (key, keep + "...")
+        body = encode_body(fields).encode()
+    while fields and len(head) + len(body) > max_size:
+        fields.pop()
         body = encode_body(fields).encode()
     message = (head + body)[:max_size]
     return message[:utf8_boundary(message, len(message))], True
@@ -483,7 +810,8 @@ class MessageEncoder:
         self.settings = settings
         self.pri = settings.syslog_facility * 8 + settings.syslog_severity
         self.procid = str(procid or os.getpid())
-        self.separator = settings.syslog_separator
+        self.select = field_selector(settings.syslog_fields_include, settings.syslog_fields_exclude,
+                                     settings.syslog_fields_rename)
 
     def header(self, seconds, nanoseconds):
         s = self.settings
@@ -492,27 +820,56 @@ class MessageEncoder:
         return rfc5424_header(self.pri, rfc3339(seconds, nanoseconds), s.syslog_hostname,
                               s.syslog_tag, self.procid)
 
-    def encode_body(self, fields):
-        return encode_kv(fields, self.separator)
+    def body_encoder(self, fields):
+        """The function (selected fields -> MSG body) for a log with these fields. CEF and LEEF headers
+        describe the WAF's decision, taken from all fields, so field selection cannot change it."""
+        s = self.settings
+        if s.syslog_encoding == "kv":
+            return functools.partial(encode_kv, separator=s.syslog_separator)
+        if s.syslog_encoding == "json":
+            return encode_json
+        if s.syslog_encoding == "cef":
+            return functools.partial(encode_cef, event=waf_event(fields))
+        return functools.partial(encode_leef, event=waf_event(fields), delimiter=s.syslog_leef_delimiter)
+
+    def group_body_encoder(self, shared):
+        """For the logs of one LogGroup, whose shared fields are `shared`: a function (a log's own
+        fields -> its MSG body)."""
+        if self.settings.syslog_encoding != "kv":
+            def encode_whole_body(own):
+                fields = shared + own
+                return self.body_encoder(fields)(self.select(fields))
+            return encode_whole_body
+        # key=value bodies concatenate, so the shared part is encoded once per group, not per log.
+        separator = self.settings.syslog_separator
+        shared_body = encode_kv(self.select(shared), separator)
+
+        def encode_body(own):
+            body = encode_kv(self.select(own), separator)
+            return f"{shared_body}{separator}{body}" if shared_body and body else shared_body or body
+
+        return encode_body
 
     def encode(self, log_group_list):
-        """(messages, time of the newest log, number of truncated messages) for one pulled batch."""
+        """(messages, time of the newest log, number of truncated messages) for one pulled batch.
+        Logs of a topic not in SLS_TOPICS give no message, yet count as done: their checkpoint moves."""
         messages, newest, truncated = [], 0, 0
         max_size = self.settings.syslog_max_message_size
+        topics = self.settings.sls_topics
         for group in log_group_list.LogGroups:
+            newest = max(newest, max((entry.Time for entry in group.Logs), default=0))
+            if topics and text_of(group.Topic) not in topics:
+                continue
             shared = group_fields(group)
-            shared_body = self.encode_body(shared)
+            encode_body = self.group_body_encoder(shared)
             for entry in group.Logs:
-                fields = log_fields(entry)
                 header = self.header(entry.Time, entry.Time_ns)
-                body = self.encode_body(fields)
-                message = f"{header}{shared_body}{self.separator}{body}".encode() if body else \
-                    f"{header}{shared_body}".encode()
+                message = (header + encode_body(log_fields(entry))).encode()
                 if len(message) > max_size:
-                    message, _ = fit_message(header, shared + fields, self.encode_body, max_size)
+                    fields = shared + log_fields(entry)
+                    message, _ = fit_message(header, self.select(fields), self.body_encoder(fields), max_size)
                     truncated += 1
                 messages.append(message)
-                newest = max(newest, entry.Time)
         return messages, newest, truncated
 
 

@@ -69,6 +69,19 @@ BAD_SETTINGS = [
                                SYSLOG_CLIENT_KEY="/nonexistent/client.key")),
     ("SYSLOG_CLIENT_CERT", dict(SYSLOG_PROTOCOL="tls", SYSLOG_CLIENT_CERT="GARBAGE",
                                 SYSLOG_CLIENT_KEY="GARBAGE")),
+    ("SYSLOG_ENCODING", dict(SYSLOG_ENCODING="xml")),
+    ("SYSLOG_LEEF_DELIMITER", dict(SYSLOG_LEEF_DELIMITER="ab")),
+    ("SYSLOG_LEEF_DELIMITER", dict(SYSLOG_LEEF_DELIMITER="=")),
+    ("SYSLOG_LEEF_DELIMITER", dict(SYSLOG_LEEF_DELIMITER="_")),
+    ("SYSLOG_LEEF_DELIMITER", dict(SYSLOG_LEEF_DELIMITER="x7c")),
+    ("SYSLOG_FIELDS_INCLUDE", dict(SYSLOG_FIELDS_INCLUDE="host,http_cookie",
+                                   SYSLOG_FIELDS_EXCLUDE="http_cookie")),
+    ("SYSLOG_FIELDS_INCLUDE", dict(SYSLOG_FIELDS_INCLUDE="http_cookie", SYSLOG_FIELDS_EXCLUDE="http_*")),
+    ("SYSLOG_FIELDS_RENAME", dict(SYSLOG_FIELDS_RENAME="host")),
+    ("SYSLOG_FIELDS_RENAME", dict(SYSLOG_FIELDS_RENAME="host:")),
+    ("SYSLOG_FIELDS_RENAME", dict(SYSLOG_FIELDS_RENAME="host:a,host:b")),
+    ("SYSLOG_FIELDS_RENAME", dict(SYSLOG_FIELDS_RENAME="host:site,matched_host:site")),
+    ("SYSLOG_FIELDS_RENAME", dict(SYSLOG_FIELDS_RENAME="http_cookie:cookie", SYSLOG_FIELDS_EXCLUDE="http_*")),
 ]
 
 
@@ -122,6 +135,24 @@ def test_defaults_and_names():
     assert SECRET not in repr(s) and TOKEN not in repr(s)
 
 
+def test_encoding_and_field_selection_settings():
+    s = fwd.Settings.from_environment(dict(
+        GOOD, SYSLOG_ENCODING="LEEF", SYSLOG_LEEF_DELIMITER="x5E", SLS_TOPICS="waf_access_log, other,",
+        SYSLOG_FIELDS_INCLUDE=" __tag__:*, host ,,real_client_ip", SYSLOG_FIELDS_EXCLUDE="wxbb_*",
+        SYSLOG_FIELDS_RENAME="__tag__:__receive_time__:received, host:domain"))
+    assert (s.syslog_encoding, s.syslog_leef_delimiter) == ("leef", "^")
+    assert s.sls_topics == {"waf_access_log", "other"}
+    assert s.syslog_fields_include == ("__tag__:*", "host", "real_client_ip")
+    assert s.syslog_fields_exclude == ("wxbb_*",)
+    assert s.syslog_fields_rename == (("__tag__:__receive_time__", "received"), ("host", "domain"))
+    s = fwd.Settings.from_environment(GOOD)
+    assert (s.syslog_encoding, s.syslog_leef_delimiter, s.sls_topics) == ("kv", "\t", frozenset())
+    assert s.syslog_fields_include == s.syslog_fields_exclude == s.syslog_fields_rename == ()
+    for written, delimiter in (("\t", "\t"), ("x09", "\t"), ("0x09", "\t"), ("^", "^"), (" ~ ", "~")):
+        s = fwd.Settings.from_environment(dict(GOOD, SYSLOG_LEEF_DELIMITER=written))
+        assert s.syslog_leef_delimiter == delimiter, written
+
+
 def test_help_documents_every_setting():
     status, out, _ = run_with({}, ["--help"])
     assert status == 0
@@ -135,7 +166,8 @@ def test_help_documents_every_setting():
                      "SYSLOG_TIMEOUT", "SYSLOG_FACILITY", "SYSLOG_SEVERITY", "SYSLOG_HOSTNAME",
                      "SYSLOG_TAG", "SYSLOG_FORMAT", "SYSLOG_FRAMING", "SYSLOG_MAX_MESSAGE_SIZE",
                      "SYSLOG_RETRY_MAX_DELAY", "SYNC_LOG_LEVEL", "SYNC_LOG_FILE", "SYNC_LOCK_FILE",
-                     "SYNC_STATS_INTERVAL"):
+                     "SYNC_STATS_INTERVAL", "SLS_TOPICS", "SYSLOG_ENCODING", "SYSLOG_LEEF_DELIMITER",
+                     "SYSLOG_FIELDS_INCLUDE", "SYSLOG_FIELDS_EXCLUDE", "SYSLOG_FIELDS_RENAME"):
         assert variable in out, variable
         assert variable in readme, variable
         assert variable in example, variable
