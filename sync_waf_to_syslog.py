@@ -1290,7 +1290,8 @@ class Forwarder:
         self.trackers = {}  # shard -> checkpoint tracker of its processor
 
     def send(self, messages):
-        return self.delivery.deliver(messages)
+        # A batch whose logs were all filtered out (SLS_TOPICS) needs no syslog server to be done.
+        return not messages or self.delivery.deliver(messages)
 
     def flush_checkpoints(self, interval=1.0):
         """Save every shard's delivered position in SLS about once a second (a thread of its own,
