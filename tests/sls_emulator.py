@@ -1064,6 +1064,12 @@ class _HttpServer(ThreadingHTTPServer):
             self._connections.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request, client_address):
+        # A client killed mid-request (tests kill -9 forwarders) is normal here, not a traceback.
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
+
     def close_connections(self):
         """End idle keep-alive connections, whose handler threads would otherwise linger."""
         with self._connections_lock:
