@@ -949,6 +949,10 @@ class TcpTransport:
                 data, deadline = data[sent:], time.monotonic() + self.timeout
             self.check_progress(stop, deadline)
         self.wait_until_acknowledged(stop)
+        # A receiver that closes while our bytes arrive may drop them although its kernel has
+        # acknowledged them: an EOF or reset seen now leaves the batch unconfirmed, so resend it.
+        if self.peer_closed():
+            raise ConnectionError("the syslog server closed the connection before confirming the batch")
 
     def wait_until_acknowledged(self, stop):
         """Block until the peer acknowledged everything sent, or raise if the connection broke."""
