@@ -3,9 +3,11 @@
 
 WHAT IT DOES
   Joins an SLS consumer group on the WAF logstore (aliyun-log-python-sdk), turns every WAF log into
-  exactly one syslog message and sends it to your syslog server / SIEM over UDP, TCP or TLS. A shard's
-  checkpoint moves only past logs the syslog transport accepted, so a crash, a restart or a syslog
-  outage never loses a log (it can repeat at most the batch that was in flight).
+  exactly one syslog message and sends it to your syslog server / SIEM over UDP, TCP, TLS or RELP
+  (plain or over TLS). A shard's checkpoint moves only past logs the syslog transport accepted, so a
+  crash, a restart or a syslog outage never loses a log (it can repeat at most the batch that was in
+  flight); with RELP "accepted" is the server's own acknowledgement of every message, so not even
+  a crashing syslog server loses one.
 
 RUN
   python sync_waf_to_syslog.py              run until SIGTERM / SIGINT (Ctrl-C), then exit 0
@@ -42,8 +44,11 @@ SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
 
 SETTINGS: syslog
   SYSLOG_HOST             syslog server host name or IP                                   (required)
-  SYSLOG_PROTOCOL         udp | tcp | tls                                              default tcp
-  SYSLOG_PORT             port                                    default 514 (6514 for tls)
+  SYSLOG_PROTOCOL         udp | tcp | tls | relp | relp+tls                            default tcp
+                          relp: rsyslog's Reliable Event Logging Protocol (imrelp), where the
+                          server acknowledges every message; relp+tls: RELP inside TLS, with the
+                          same certificate settings and host-name check as tls
+  SYSLOG_PORT             port                   default 514 (6514 for tls, 2514 for relp, relp+tls)
   SYSLOG_FORMAT           rfc5424 | rfc3164                                        default rfc5424
   SYSLOG_FRAMING          octet-counting | lf   (tcp/tls only)                default octet-counting
   SYSLOG_ENCODING         MSG: kv (key=value), json, cef (ArcSight) or leef (QRadar)    default kv
@@ -64,8 +69,11 @@ SETTINGS: syslog
                           (counted and logged); UDP can never exceed 65507          default 65507
   SYSLOG_TIMEOUT          seconds a connect or a send may stall before it is retried   default 120
   SYSLOG_RETRY_MAX_DELAY  longest pause between reconnect attempts, seconds           default 30
-  SYSLOG_CERT_PATH        CA bundle that signed the server's certificate (tls); system CAs if unset
-  SYSLOG_CLIENT_CERT      client certificate (PEM) for mutual TLS
+  SYSLOG_RELP_WINDOW      relp: most messages sent ahead of the server's acknowledgements  default 128
+  SYSLOG_CERT_PATH        CA bundle that signed the server's certificate (tls, relp+tls); system
+                          CAs if unset
+  SYSLOG_CLIENT_CERT      client certificate (PEM) for mutual TLS (rsyslog's imrelp with TLS
+                          requires one)
   SYSLOG_CLIENT_KEY       its private key (PEM); required with SYSLOG_CLIENT_CERT
 
 SETTINGS: this program
@@ -143,6 +151,8 @@ SEVERITIES = {
     "notice": 5, "info": 6, "debug": 7,
 }
 PRINTABLE_ASCII = frozenset(chr(c) for c in range(33, 127))
+DEFAULT_PORTS = {"udp": 514, "tcp": 514, "tls": 6514, "relp": 2514, "relp+tls": 2514}
+TLS_PROTOCOLS = {"tls", "relp+tls"}
 SEPARATOR_CHARS = frozenset(string.punctuation + " \t") - {"\\", "="}
 ENCODINGS = ("kv", "json", "cef", "leef")
 # LEEF cannot escape: "=" ends a key, "|" a header field, "_" and ":" appear in keys (__tag__:x),
@@ -193,6 +203,7 @@ class Settings:
     syslog_max_message_size: int
     syslog_timeout: float
     syslog_retry_max_delay: float
+    syslog_relp_window: int
     syslog_ca_file: str
     syslog_client_cert: str
     syslog_client_key: str
@@ -323,7 +334,7 @@ class _SettingsReader:
 
     def read(self):
         consumer_group = self.text("SLS_CG", "WAF-SLS")
-        protocol = self.choice("SYSLOG_PROTOCOL", "tcp", {"udp", "tcp", "tls"})
+        protocol = self.choice("SYSLOG_PROTOCOL", "tcp", set(DEFAULT_PORTS))
         syslog_format = self.choice("SYSLOG_FORMAT", "rfc5424", {"rfc5424", "rfc3164"})
         separator = self.env.get("SYSLOG_SEP", ",")  # not stripped: " " and TAB are separators
         if separator == "" or not set(separator) <= SEPARATOR_CHARS:
@@ -361,7 +372,7 @@ class _SettingsReader:
             sls_worker_pool_size=self.number("SLS_WORKER_POOL_SIZE", 2, 1, 64),
             sls_topics=frozenset(self.name_list("SLS_TOPICS")),
             syslog_host=self.required("SYSLOG_HOST"),
-            syslog_port=self.number("SYSLOG_PORT", 6514 if protocol == "tls" else 514, 1, 65535),
+            syslog_port=self.number("SYSLOG_PORT", DEFAULT_PORTS[protocol], 1, 65535),
             syslog_protocol=protocol,
             syslog_format=syslog_format,
             syslog_framing=self.choice("SYSLOG_FRAMING", "octet-counting", {"octet-counting", "lf"}),
@@ -379,6 +390,7 @@ class _SettingsReader:
             syslog_max_message_size=max_size,
             syslog_timeout=self.number("SYSLOG_TIMEOUT", 120.0, 1, 86400, float),
             syslog_retry_max_delay=self.number("SYSLOG_RETRY_MAX_DELAY", 30.0, 0.1, 3600, float),
+            syslog_relp_window=self.number("SYSLOG_RELP_WINDOW", 128, 1, 100000),
             syslog_ca_file=self.readable_file("SYSLOG_CERT_PATH"),
             syslog_client_cert=client_cert,
             syslog_client_key=client_key,
@@ -388,7 +400,7 @@ class _SettingsReader:
             stats_interval=self.number("SYNC_STATS_INTERVAL", 60.0, 0, 86400, float),
             workers=workers,
         )
-        if protocol == "tls" and not self.problems:
+        if protocol in TLS_PROTOCOLS and not self.problems:
             self.check_tls_files(settings)
         if self.problems:
             raise SettingsError(self.problems)
@@ -874,7 +886,7 @@ class MessageEncoder:
 
 
 # ================================================================================================
-# Transports: one small class each for UDP, TCP and TLS
+# Transports: one small class each for UDP, TCP, TLS and RELP (plain and over TLS)
 # ================================================================================================
 
 SIOCOUTQ = 0x5411      # Linux ioctl: bytes in the send queue not yet acknowledged by the peer
@@ -938,7 +950,16 @@ class TcpTransport:
     def send(self, messages, stop):
         if self.peer_closed():
             raise ConnectionError("the syslog server closed the connection")
-        data = memoryview(b"".join(map(self.frame, messages)))
+        self.send_all(b"".join(map(self.frame, messages)), stop)
+        self.wait_until_acknowledged(stop)
+        # A receiver that closes while our bytes arrive may drop them although its kernel has
+        # acknowledged them: an EOF or reset seen now leaves the batch unconfirmed, so resend it.
+        if self.peer_closed():
+            raise ConnectionError("the syslog server closed the connection before confirming the batch")
+
+    def send_all(self, data, stop):
+        """Write all of data, for as long as the server keeps reading it."""
+        data = memoryview(data)
         deadline = time.monotonic() + self.timeout
         while data:
             try:
@@ -948,11 +969,6 @@ class TcpTransport:
             if sent:
                 data, deadline = data[sent:], time.monotonic() + self.timeout
             self.check_progress(stop, deadline)
-        self.wait_until_acknowledged(stop)
-        # A receiver that closes while our bytes arrive may drop them although its kernel has
-        # acknowledged them: an EOF or reset seen now leaves the batch unconfirmed, so resend it.
-        if self.peer_closed():
-            raise ConnectionError("the syslog server closed the connection before confirming the batch")
 
     def wait_until_acknowledged(self, stop):
         """Block until the peer acknowledged everything sent, or raise if the connection broke."""
@@ -1030,7 +1046,189 @@ class TlsTransport(TcpTransport):
         super().close()
 
 
-TRANSPORTS = {"udp": UdpTransport, "tcp": TcpTransport, "tls": TlsTransport}
+RELP_MAX_TXNR = 999_999_999  # then transaction numbers start again at 1
+RELP_OFFERS = b"relp_version=0\nrelp_software=sync_waf_to_syslog\ncommands=syslog"
+RELP_HEADER = re.compile(rb"(\d{1,9}) ([A-Za-z]{1,32}) (\d{1,9})([ \n])")
+RELP_MAX_HEADER = 53  # 9 digits, SP, 32 letters, SP, 9 digits, SP or LF
+
+
+class RelpError(ConnectionError):
+    """The RELP server refused a command or broke the protocol: drop the connection, resend."""
+
+
+def relp_frame(txnr, command, data=b""):
+    """TXNR SP COMMAND SP DATALEN [SP DATA] LF (the frame of librelp's doc/relp.html)."""
+    if not data:
+        return b"%d %s 0\n" % (txnr, command)
+    return b"%d %s %d %s\n" % (txnr, command, len(data), data)
+
+
+def parse_relp_frames(buffer):
+    """([(txnr, command, data), ...], bytes used) for the complete frames at the start of buffer;
+    raises RelpError for bytes that cannot begin a frame."""
+    frames, position = [], 0
+    while True:
+        header = RELP_HEADER.match(buffer, position)
+        if header is None:
+            rest = bytes(buffer[position:position + RELP_MAX_HEADER + 1])
+            if b"\n" in rest or len(rest) > RELP_MAX_HEADER:
+                raise RelpError(f"the server sent something that is not a RELP frame: {rest!r}")
+            return frames, position  # the header is still arriving
+        length = int(header[3])
+        if header[4] == b"\n" and length:
+            raise RelpError(f"RELP frame without its {length} bytes of data: {header[0]!r}")
+        start = header.end()
+        end = start + length if header[4] == b" " else start - 1  # at the trailer LF
+        if end >= len(buffer):
+            return frames, position  # the rest of the frame is still arriving
+        if buffer[end] != ord("\n"):
+            raise RelpError(f"RELP frame {header[0]!r} does not end in LF after {length} bytes")
+        frames.append((int(header[1]), header[2], bytes(buffer[start:end])))
+        position = end + 1
+
+
+def relp_ok(response):
+    """Whether the data of a `rsp` frame starts with status 200 ("200 OK")."""
+    return response[:3] == b"200" and response[3:4] in (b"", b" ", b"\n")
+
+
+class RelpTransport(TcpTransport):
+    """RELP, the Reliable Event Logging Protocol of rsyslog's librelp (its doc/relp.html), over the
+    connection of TcpTransport; RelpTlsTransport runs it inside TLS.
+
+    A session opens with an `open` command offering relp_version=0 and commands=syslog; every
+    message is then a `syslog` command with the next transaction number (1, 2, ... in a session;
+    999,999,999 is followed by 1), and up to SYSLOG_RELP_WINDOW commands may await their `rsp`.
+    `send` returns only when the server answered "200 OK" to every message of the batch: its
+    acknowledgement that it took the message, so a checkpoint moves only past acknowledged logs.
+    Any other answer, a `serverclose` hint, a closed connection, a protocol error or
+    SYSLOG_TIMEOUT without progress raises, and the caller reconnects and sends the whole batch
+    again: the server may get a message twice, never not at all. `close` ends an idle session
+    politely with a `close` command."""
+
+    CLOSE_TIMEOUT = 1.0  # seconds to wait for the answer to `close`
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.window = settings.syslog_relp_window
+        self.txnr = 0
+        self.received = bytearray()  # bytes from the server not yet parsed into frames
+        self.server_closed = False   # a `serverclose` hint came
+        self.idle = False            # a session is open and has no command unanswered
+
+    def connect(self, stop):
+        super().connect(stop)
+        self.txnr, self.received, self.server_closed = 0, bytearray(), False
+        try:
+            self.open_session(stop)
+        except BaseException:
+            self.close()
+            raise
+
+    def open_session(self, stop):
+        txnr = self.next_txnr()
+        self.send_all(relp_frame(txnr, b"open", RELP_OFFERS), stop)
+        status, _, offer_lines = self.answer(txnr, stop, self.timeout).partition(b"\n")
+        if not relp_ok(status):
+            raise RelpError(f"the RELP server refused the session: {status.decode(errors='replace')}")
+        offers = {}  # the features the server accepted: name -> values
+        for line in offer_lines.splitlines():
+            name, _, values = line.partition(b"=")
+            offers[name] = values.split(b",")
+        # The spec: no relp_version in the answer means no session; no syslog means no messages.
+        if b"relp_version" not in offers or b"syslog" not in offers.get(b"commands", []):
+            raise RelpError("the RELP server does not accept syslog messages; it offered "
+                            f"{offer_lines.decode(errors='replace')!r}")
+        self.idle = True
+
+    def next_txnr(self):
+        self.txnr = self.txnr % RELP_MAX_TXNR + 1
+        return self.txnr
+
+    def send(self, messages, stop):
+        if self.server_closed:  # after the previous batch was acknowledged
+            raise ConnectionError("the RELP server ended the session (serverclose)")
+        self.idle = False
+        unanswered = set()  # transaction numbers of the messages sent and not yet acknowledged
+        position = 0        # messages[:position] have been sent
+        while position < len(messages) or unanswered:
+            if len(unanswered) < self.window and position < len(messages):
+                ahead = messages[position:position + self.window - len(unanswered)]
+                frames = []
+                for message in ahead:
+                    txnr = self.next_txnr()
+                    unanswered.add(txnr)
+                    frames.append(relp_frame(txnr, b"syslog", message))
+                self.send_all(b"".join(frames), stop)
+                position += len(ahead)
+            for txnr, answer in self.answers(stop, self.timeout):
+                if txnr not in unanswered:
+                    raise RelpError(f"the RELP server answered transaction {txnr}, which was not sent")
+                if not relp_ok(answer):
+                    raise RelpError(f"the RELP server refused a message: {answer.decode(errors='replace')}")
+                unanswered.remove(txnr)
+            if self.server_closed and (unanswered or position < len(messages)):
+                raise ConnectionError(f"the RELP server ended the session (serverclose) with "
+                                      f"{len(unanswered) + len(messages) - position} messages "
+                                      "of the batch unacknowledged")
+        self.idle = not self.server_closed
+
+    def answer(self, txnr, stop, timeout):
+        """The data of the server's answer to txnr, the only command outstanding."""
+        answers = self.answers(stop, timeout)
+        if not answers:  # only a serverclose hint came
+            raise ConnectionError("the RELP server ended the session (serverclose)")
+        answered = [number for number, _ in answers]
+        if answered != [txnr]:
+            raise RelpError(f"the RELP server answered transactions {answered}, not {txnr}")
+        return answers[0][1]
+
+    def answers(self, stop, timeout):
+        """[(txnr, data)] of the `rsp` frames that arrive next: waits until at least one frame
+        came, or timeout seconds without a byte. A `serverclose` hint sets server_closed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except (socket.timeout, ssl.SSLWantReadError):
+                self.check_progress(stop, deadline)
+                continue
+            if not data:
+                raise ConnectionError("the RELP server closed the connection")
+            self.received += data
+            deadline = time.monotonic() + timeout
+            frames, used = parse_relp_frames(self.received)
+            del self.received[:used]
+            if frames:
+                break
+        answers = []
+        for txnr, command, answer in frames:
+            if command == b"rsp":
+                answers.append((txnr, answer))
+            elif command == b"serverclose":
+                self.server_closed = True
+            else:
+                raise RelpError(f"unexpected RELP command from the server: {command.decode()}")
+        return answers
+
+    def close(self):
+        if self.sock is not None and self.idle:
+            self.idle = False
+            try:
+                txnr = self.next_txnr()
+                self.send_all(relp_frame(txnr, b"close"), threading.Event())
+                self.answer(txnr, threading.Event(), self.CLOSE_TIMEOUT)
+            except OSError:
+                pass  # the server is gone or slow; closing the connection is enough
+        super().close()
+
+
+class RelpTlsTransport(RelpTransport, TlsTransport):
+    """RELP inside TLS, as rsyslog's imrelp with tls="on": TlsTransport's connection and checks."""
+
+
+TRANSPORTS = {"udp": UdpTransport, "tcp": TcpTransport, "tls": TlsTransport,
+              "relp": RelpTransport, "relp+tls": RelpTlsTransport}
 
 
 class RateLimiter:
@@ -1425,7 +1623,7 @@ def check(settings):
     try:
         transport.connect(threading.Event())
         results.append((True, f"{target}: connected" + (" (TLS handshake and certificate verified)"
-                                                        if settings.syslog_protocol == "tls" else "")))
+                                                        if settings.syslog_protocol in TLS_PROTOCOLS else "")))
     except (OSError, ssl.SSLError) as exc:
         results.append((False, f"{target}: {describe_error(exc)}"))
     finally:
