@@ -117,6 +117,7 @@ import fnmatch
 import functools
 import json
 import logging
+import operator
 import os
 import random
 import re
@@ -513,13 +514,44 @@ _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in range(32) if c != 9}  # TAB is kep
 _CONTROL_ESCAPES.update({10: "\\n", 13: "\\r", 92: "\\\\"})
 
 
+VALUE_JOINER = "\x00"  # joins a log's values for one escaping pass (escaped values hold no raw NUL)
+
+
 @functools.lru_cache(maxsize=8)
 def kv_escapers(separator):
     """(escape_key, escape_value) for one separator; see MESSAGE in the docstring for the rules."""
-    specials = "".join(re.escape(chr(c)) for c in _CONTROL_ESCAPES)
+    return _escaper(separator, "="), _escaper(separator)
+
+
+@functools.lru_cache(maxsize=8)
+def values_escaper(separator):
+    """escape_values(values) -> the escaped values, escaped together as one text (the values joined
+    by NUL) instead of with a Python call per value."""
+    escape_joined = _escaper(separator, value_end=r"(?=\x00|\Z)", joiner=VALUE_JOINER)
+    escape_value = _escaper(separator)
+    controls = re.compile("[" + "".join(re.escape(chr(c)) for c in _CONTROL_ESCAPES if c not in (0, 92)) + "]")
+
+    def escape_values(values):
+        joined = VALUE_JOINER.join(values)
+        if joined.count(VALUE_JOINER) != len(values) - 1:  # a value holds NUL itself (rare)
+            return list(map(escape_value, values))
+        if len(separator) == 1 and not controls.search(joined):
+            # The usual case: only \ and the separator to escape, by two str.replace (no regex).
+            joined = joined.replace("\\", "\\\\").replace(separator, "\\" + separator)
+        else:
+            joined = escape_joined(joined)
+        return joined.split(VALUE_JOINER)
+
+    return escape_values
+
+
+def _escaper(separator, extra="", value_end=r"\Z", joiner=""):
+    """escape(text) for keys (extra="=") or values. A value ends where `value_end` matches; the
+    `joiner` of joined values is left as it is."""
+    specials = "".join(re.escape(chr(c)) for c in _CONTROL_ESCAPES if chr(c) != joiner)
     # A value that ends in a proper prefix of a multi-character separator would run into the
     # separator that follows it; those characters are written as \xHH instead.
-    tails = "".join(f"|{re.escape(separator[:n])}\\Z" for n in range(len(separator) - 1, 0, -1))
+    tails = "".join(f"|{re.escape(separator[:n])}{value_end}" for n in range(len(separator) - 1, 0, -1))
 
     def replacement(match):
         text = match.group()
@@ -531,12 +563,9 @@ def kv_escapers(separator):
             return "\\="
         return "".join(f"\\x{ord(c):02x}" for c in text)
 
-    def make(extra):
-        pattern = re.compile(f"{re.escape(separator)}{tails}|[{specials}{extra}]")
-        quick = re.compile(f"[{specials}{extra}{re.escape(separator[0])}]")
-        return lambda text: pattern.sub(replacement, text) if quick.search(text) else text
-
-    return make("="), make("")
+    pattern = re.compile(f"{re.escape(separator)}{tails}|[{specials}{extra}]")
+    quick = re.compile(f"[{specials}{extra}{re.escape(separator[0])}]")
+    return lambda text: pattern.sub(replacement, text) if quick.search(text) else text
 
 
 def encode_kv(fields, separator):
@@ -559,6 +588,31 @@ def group_fields(log_group):
 
 def log_fields(log):
     return [(text_of(c.Key), text_of(c.Value)) for c in log.Contents]
+
+
+KEY_AND_VALUE = operator.attrgetter("Key", "Value")
+
+
+@functools.lru_cache(maxsize=256)
+def key_prefixes(keys, separator):
+    """The escaped "key=" of each key, once per set of keys (the logs of a logstore share one)."""
+    escape_key = kv_escapers(separator)[0]
+    return [f"{escape_key(key)}=" for key in keys]
+
+
+def log_kv_body(log, separator):
+    """encode_kv(log_fields(log), separator) in a few C-level passes per log instead of Python work
+    per field, which is what limits the forwarder: the pairs in one map, all values escaped in one
+    regex pass, everything joined in one join."""
+    pairs = list(map(KEY_AND_VALUE, log.Contents))
+    if not pairs:
+        return ""
+    keys, values = zip(*pairs)
+    try:
+        escaped = values_escaper(separator)(values)
+        return separator.join(map(operator.add, key_prefixes(keys, separator), escaped))
+    except TypeError:  # bytes, not str: the SDK parsed a batch that holds invalid UTF-8
+        return encode_kv(log_fields(log), separator)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -824,6 +878,8 @@ class MessageEncoder:
         self.procid = str(procid or os.getpid())
         self.select = field_selector(settings.syslog_fields_include, settings.syslog_fields_exclude,
                                      settings.syslog_fields_rename)
+        self.selects_fields = bool(settings.syslog_fields_include or settings.syslog_fields_exclude
+                                   or settings.syslog_fields_rename)
 
     def header(self, seconds, nanoseconds):
         s = self.settings
@@ -845,19 +901,24 @@ class MessageEncoder:
         return functools.partial(encode_leef, event=waf_event(fields), delimiter=s.syslog_leef_delimiter)
 
     def group_body_encoder(self, shared):
-        """For the logs of one LogGroup, whose shared fields are `shared`: a function (a log's own
-        fields -> its MSG body)."""
+        """For the logs of one LogGroup, whose shared fields are `shared`: a function (a log ->
+        its MSG body)."""
         if self.settings.syslog_encoding != "kv":
-            def encode_whole_body(own):
-                fields = shared + own
+            def encode_whole_body(log):
+                fields = shared + log_fields(log)
                 return self.body_encoder(fields)(self.select(fields))
             return encode_whole_body
         # key=value bodies concatenate, so the shared part is encoded once per group, not per log.
         separator = self.settings.syslog_separator
         shared_body = encode_kv(self.select(shared), separator)
 
-        def encode_body(own):
-            body = encode_kv(self.select(own), separator)
+        def encode_own_fields(log):
+            if self.selects_fields:
+                return encode_kv(self.select(log_fields(log)), separator)
+            return log_kv_body(log, separator)
+
+        def encode_body(log):
+            body = encode_own_fields(log)
             return f"{shared_body}{separator}{body}" if shared_body and body else shared_body or body
 
         return encode_body
@@ -868,6 +929,7 @@ class MessageEncoder:
         messages, newest, truncated = [], 0, 0
         max_size = self.settings.syslog_max_message_size
         topics = self.settings.sls_topics
+        headers = {}  # (seconds, nanoseconds) -> header: the logs of a batch share few timestamps
         for group in log_group_list.LogGroups:
             newest = max(newest, max((entry.Time for entry in group.Logs), default=0))
             if topics and text_of(group.Topic) not in topics:
@@ -875,8 +937,11 @@ class MessageEncoder:
             shared = group_fields(group)
             encode_body = self.group_body_encoder(shared)
             for entry in group.Logs:
-                header = self.header(entry.Time, entry.Time_ns)
-                message = (header + encode_body(log_fields(entry))).encode()
+                stamp = entry.Time, entry.Time_ns
+                header = headers.get(stamp)
+                if header is None:
+                    header = headers[stamp] = self.header(*stamp)
+                message = (header + encode_body(entry)).encode()
                 if len(message) > max_size:
                     fields = shared + log_fields(entry)
                     message, _ = fit_message(header, self.select(fields), self.body_encoder(fields), max_size)
@@ -1390,6 +1455,25 @@ def make_processor_class():
     return WafLogProcessor
 
 
+def make_worker_class():
+    """The SDK's ConsumerWorker with one fix (SDK 0.9.52): its heartbeat keeps listing every shard the
+    group gave this consumer until that shard's consumer has shut down. A shard given and taken back
+    between two rounds of the worker (a heartbeat interval not much longer than the fetch interval)
+    never got a shard consumer, so it stayed listed for ever and the group never handed it to the
+    consumer it now belongs to: nobody read it. Here such shards leave the heartbeat."""
+    from aliyun.log.consumer import ConsumerWorker
+
+    class Worker(ConsumerWorker):
+        def clean_shard_consumer(self, owned_shards):
+            super().clean_shard_consumer(owned_shards)
+            beat = self.heart_beat
+            with beat.lock:  # the heartbeat thread changes both lists under this (re-entrant) lock
+                for shard in set(beat.mheart_shards) - set(beat.mheld_shards) - set(self.shard_consumers):
+                    beat.remove_heart_shard(shard)
+
+    return Worker
+
+
 def make_consumer_client_class():
     """The SDK's ConsumerClient with two fixes for a no-loss forwarder (SDK 0.9.52 behaviour):
 
@@ -1544,12 +1628,11 @@ def run(settings):
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    from aliyun.log.consumer import ConsumerWorker
     from aliyun.log.consumer.exceptions import ClientWorkerException
     forwarder = Forwarder(settings, stop)
     config = consumer_config(settings)
     try:
-        worker = ConsumerWorker(make_processor_class(), config, args=(forwarder,))
+        worker = make_worker_class()(make_processor_class(), config, args=(forwarder,))
     except ClientWorkerException as exc:
         log.error("cannot join consumer group %s of %s/%s: %s", settings.sls_consumer_group,
                   settings.sls_project, settings.sls_logstore, exc)
