@@ -4,7 +4,6 @@ syslog receiver, and the real forwarder between them. It prints what arrived.
     python tests/demo.py [--logs N] [--protocol tcp|udp] [--show N]
 """
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ def main(argv=None):
         agent = dict(parse_kv(hostile.split(" - - ", 1)[1], ","))["http_user_agent"]
         print(f"\na hostile user agent {agent!r} arrived escaped inside one message:")
         print("  ..." + hostile[hostile.find("http_user_agent="):][:60] + "...")
-        print(f"\nforwarder log (last lines):\n  " + "\n  ".join(forwarder.stderr().splitlines()[-4:]))
+        print("\nforwarder log (last lines):\n  " + "\n  ".join(forwarder.stderr().splitlines()[-4:]))
         print(f"\nsent {report['sent']}, received {report['received']}, lost {report['lost']}, "
               f"duplicates {report['duplicates']} in {elapsed:.1f} s; forwarder exit status {status}; "
               f"checkpoints at the end of every shard: {at_end}")

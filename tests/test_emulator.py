@@ -16,6 +16,7 @@ from aliyun.log.consumer import ConsumerProcessorBase, ConsumerWorker, CursorPos
 
 from tests.sls_emulator import EmulatorProcess, SlsEmulator, log_client
 from tests.waf_logs import hostile_logs, realistic_logs, write_jsonl
+from tests.polling import wait_until
 
 PROJECT, LOGSTORE = "waf-project", "waf-logstore"
 AKID, SECRET = "test-akid", "test-secret"
@@ -32,15 +33,6 @@ def emulator(monkeypatch):
 @pytest.fixture
 def client(emulator):
     return log_client(emulator)
-
-
-def wait_until(condition, timeout=30, what="condition"):
-    """Poll `condition` until true; the timeout only bounds a hang, it is not a speed check."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def shard_states(emulator):

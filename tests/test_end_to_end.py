@@ -78,7 +78,7 @@ def test_every_log_arrives_parsed_over_each_protocol(variant, rsyslog, pki, waf_
     command = ["-c", "import ssl, runpy, sys; ssl.__dict__.pop('wrap_socket', None); "
                f"sys.argv = [{str(SCRIPT)!r}] + sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"]
     with ForwarderProcess(env, tmp_path, python_args=command) as forwarder:
-        records = wait_for_records(rsyslog, tag, len(logs))
+        wait_for_records(rsyslog, tag, len(logs))
         assert forwarder.stop() == 0, forwarder.stderr()[-2000:]
     assert "*** start to consume data..." in forwarder.stderr()
     assert "Complete send data to remote" in forwarder.stderr()

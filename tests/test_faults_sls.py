@@ -24,6 +24,7 @@ from tests.forwarder_process import ForwarderProcess, forwarder_env, run_forward
 from tests.sls_emulator import CURSOR_BASE, SHARD_CURSOR_STRIDE
 from tests.syslog_receiver import SyslogReceiver, ids, loss_report
 from tests.waf_logs import realistic_logs, write_jsonl
+from tests.polling import wait_until
 
 LOGS_PER_GROUP = 10      # see the module docstring
 GROUP = "test-group"     # forwarder_env's SLS_CG
@@ -62,18 +63,6 @@ def unsaved_window(layout, saved, shards, delivered):
     `shards`: what a consumer resuming those shards sends again."""
     return {trace_id for shard in shards for group in layout[shard][saved.get(shard, 0):]
             for trace_id in group} & delivered
-
-
-def wait_until(condition, description, timeout=WAIT):
-    """Poll `condition` until it returns something truthy (returned); fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {description}")
-        time.sleep(0.1)
 
 
 def received_ids(receiver):

@@ -21,6 +21,7 @@ from tests.rsyslog_peer import Rsyslog
 from tests.syslog_receiver import SyslogReceiver, loss_report
 from tests.test_end_to_end import group_state
 from tests.waf_logs import realistic_logs, write_jsonl
+from tests.polling import wait_until
 
 LOG_COUNT = 2000
 # Pulls of 2 LogGroups (20 logs): many small batches, so every fault lands in mid-stream.
@@ -62,14 +63,6 @@ def wait_until_delivered(received, sent_ids, timeout=DELIVERY_TIMEOUT):
         if loss_report(sent_ids, messages)["lost"] == 0 or time.monotonic() > deadline:
             return messages
         time.sleep(0.2)
-
-
-def wait_until(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting until {what}")
-        time.sleep(0.1)
 
 
 def final_stats(forwarder):
@@ -155,7 +148,7 @@ def test_receiver_stalls_then_resumes_nothing_lost(syslog_timeout, make_emulator
     settings = {"SYSLOG_TIMEOUT": syslog_timeout} if syslog_timeout else {}
     with SyslogReceiver("tcp") as receiver, \
             ForwarderProcess(receiver_env(emulator, receiver, **settings), tmp_path) as forwarder:
-        wait_until(lambda: receiver.count >= LOG_COUNT // 4, DELIVERY_TIMEOUT, "a quarter arrived")
+        wait_until(lambda: receiver.count >= LOG_COUNT // 4, "a quarter arrived", DELIVERY_TIMEOUT)
         receiver.stall()
         time.sleep(4)
         assert forwarder.process.poll() is None, forwarder.stderr()[-2000:]
@@ -178,7 +171,7 @@ def test_reset_with_unread_data_is_survived_and_its_loss_measured(make_emulator,
     emulator, sent_ids = loaded_emulator(make_emulator, tmp_path)
     with SyslogReceiver("tcp", reset_after=FAULT_AFTER) as receiver, \
             ForwarderProcess(receiver_env(emulator, receiver), tmp_path) as forwarder:
-        wait_until(lambda: checkpoints_at_end(emulator), DELIVERY_TIMEOUT, "every checkpoint is at the end")
+        wait_until(lambda: checkpoints_at_end(emulator), "every checkpoint is at the end", DELIVERY_TIMEOUT)
         stop_cleanly(forwarder)
     report = account("receiver resets with unread data (TCP)", sent_ids, receiver.messages, forwarder)
     stats = receiver.stats()
@@ -229,14 +222,14 @@ def test_rsyslogd_restarted_mid_stream(variant, pki, make_emulator, tmp_path):
         env = forwarder_env(emulator, port=peer.ports[protocol], protocol=protocol,
                             **SMALL_BATCHES, **FINAL_STATS, **settings)
         with ForwarderProcess(env, tmp_path) as forwarder:
-            wait_until(lambda: len(rsyslog_messages(peer)) >= LOG_COUNT // 4, DELIVERY_TIMEOUT,
-                       "a quarter arrived")
+            wait_until(lambda: len(rsyslog_messages(peer)) >= LOG_COUNT // 4, "a quarter arrived",
+                       DELIVERY_TIMEOUT)
             getattr(peer, stop_how)()
             before_restart = len(rsyslog_messages(peer))
             forwarder.wait_for_log("cannot send")
             peer.start()
             wait_until_delivered(lambda: rsyslog_messages(peer), sent_ids)
-            wait_until(lambda: checkpoints_at_end(emulator), DELIVERY_TIMEOUT, "every checkpoint is at the end")
+            wait_until(lambda: checkpoints_at_end(emulator), "every checkpoint is at the end", DELIVERY_TIMEOUT)
             stop_cleanly(forwarder)
         messages = rsyslog_messages(peer)
     report = account(f"rsyslogd {'SIGTERM' if stop_how == 'stop' else 'SIGKILL'} + start ({protocol})",
@@ -261,7 +254,7 @@ def test_udp_send_errors_are_counted_and_logged(make_emulator, tmp_path):
         assert checkpoints_not_moved(emulator), group_state(emulator)
         receiver.start_listening()
         wait_until_delivered(lambda: receiver.messages, sent_ids)
-        wait_until(lambda: checkpoints_at_end(emulator), DELIVERY_TIMEOUT, "every checkpoint is at the end")
+        wait_until(lambda: checkpoints_at_end(emulator), "every checkpoint is at the end", DELIVERY_TIMEOUT)
         stop_cleanly(forwarder)
     report = account("UDP receiver down, then up", sent_ids, receiver.messages, forwarder)
     assert report["send_errors"] >= 1

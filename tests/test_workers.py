@@ -7,21 +7,12 @@ import time
 from tests.forwarder_process import ForwarderProcess, forwarder_env
 from tests.syslog_receiver import SyslogReceiver, loss_report
 from tests.waf_logs import realistic_logs, write_jsonl
+from tests.polling import wait_until
 
 
 def consumers(emulator):
     group = emulator.state()["logstores"][emulator.logstore].get("consumer_groups", {}).get("test-group", {})
     return group.get("consumers", {})
-
-
-def wait_until(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_delivered(receiver, logs, timeout=60):
@@ -47,7 +38,7 @@ def test_two_workers_share_the_shards_without_duplicates_and_survive_a_crash(mak
         env = forwarder_env(emulator, port=receiver.port, SLS_MAX_FETCH_GROUPS="5")
         with ForwarderProcess(env, tmp_path, ["--workers", "2"]) as supervisor:
             held = wait_until(lambda: (lambda c: c if len(c) == 2 and all(c.values()) else None)(consumers(emulator)),
-                              30, "both workers to hold shards")
+                              "both workers to hold shards", 30)
             assert sorted(held) == ["test-consumer-0", "test-consumer-1"]
             assert sorted(s for shards in held.values() for s in shards) == [0, 1, 2, 3]
             report = wait_delivered(receiver, logs)
@@ -61,7 +52,7 @@ def test_two_workers_share_the_shards_without_duplicates_and_survive_a_crash(mak
             for entry in more:
                 entry["request_traceid"] = "more-" + entry["request_traceid"]
             emulator.add_logs(more)
-            wait_until(lambda: len(child_pids(supervisor.process.pid)) == 2, 30, "the worker's restart")
+            wait_until(lambda: len(child_pids(supervisor.process.pid)) == 2, "the worker's restart", 30)
             wait_delivered(receiver, logs + more)
             assert supervisor.stop() == 0
             assert not [p for p in child_pids_safe(supervisor.process.pid)]
