@@ -36,8 +36,10 @@ SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
                                                                                     default begin
   SLS_CURSOR_END          stop after logs received up to this ISO-8601 time (replay/backfill)
   SLS_HEARTBEAT_INTERVAL  seconds between consumer-group heartbeats                    default 20
-  SLS_FETCH_INTERVAL      seconds between fetch rounds                                  default 1
-  SLS_MAX_FETCH_GROUPS    most log groups fetched per pull (1-1000)                   default 1000
+  SLS_FETCH_INTERVAL      seconds between fetch rounds; each round hands every shard at most one
+                          batch, and a log waits up to about two rounds               default 0.2
+  SLS_MAX_FETCH_GROUPS    most log groups fetched per pull (1-1000); memory grows with it (the
+                          SDK holds about three batches per shard)                    default 100
   SLS_WORKER_POOL_SIZE    SDK threads shared by fetching and processing                  default 2
   SLS_TOPICS              send only logs of these topics (comma list, e.g. waf_access_log); the
                           others are skipped, yet checkpointed as done                default all
@@ -368,8 +370,8 @@ class _SettingsReader:
             sls_cursor_start=self.timestamp("SLS_CURSOR_START", "begin", ("begin", "end")),
             sls_cursor_end=self.timestamp("SLS_CURSOR_END", "", ("end",)),
             sls_heartbeat_interval=self.number("SLS_HEARTBEAT_INTERVAL", 20, 1, 3600),
-            sls_fetch_interval=self.number("SLS_FETCH_INTERVAL", 1.0, 0.01, 3600, float),
-            sls_max_fetch_groups=self.number("SLS_MAX_FETCH_GROUPS", 1000, 1, 1000),
+            sls_fetch_interval=self.number("SLS_FETCH_INTERVAL", 0.2, 0.01, 3600, float),
+            sls_max_fetch_groups=self.number("SLS_MAX_FETCH_GROUPS", 100, 1, 1000),
             sls_worker_pool_size=self.number("SLS_WORKER_POOL_SIZE", 2, 1, 64),
             sls_topics=frozenset(self.name_list("SLS_TOPICS")),
             syslog_host=self.required("SYSLOG_HOST"),

@@ -614,8 +614,8 @@ def parse_arguments(argv):
     parser.add_argument("--workers", type=int, default=2, help="processes of forwarder_N (default 2)")
     parser.add_argument("--protocol", choices=("tcp", "udp"), default="tcp")
     parser.add_argument("--separator", default=",", help="SYSLOG_SEP of every variant (default ,)")
-    parser.add_argument("--fetch-interval", type=float, default=1.0, help="SLS_FETCH_INTERVAL (default 1)")
-    parser.add_argument("--max-fetch-groups", type=int, default=1000, help="SLS_MAX_FETCH_GROUPS (default 1000)")
+    parser.add_argument("--fetch-interval", type=float, default=0.2, help="SLS_FETCH_INTERVAL (default 0.2)")
+    parser.add_argument("--max-fetch-groups", type=int, default=100, help="SLS_MAX_FETCH_GROUPS (default 100)")
     parser.add_argument("--pool-size", type=int, default=2, help="SLS_WORKER_POOL_SIZE (default 2)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="result file (default %(default)s)")
     parser.add_argument("--forwarder", default=str(SCRIPT),
