@@ -41,6 +41,8 @@ def test_quick_run_measures_every_variant_on_every_log(tmp_path):
     assert set(report["encoder"]["logs_per_s"]) == {
         "sdk_protobuf_parse", "sdk_flatten", "baseline_flatten_and_format", "forwarder_encode"}
     assert all(rate > 0 for rate in report["encoder"]["logs_per_s"].values())
+    assert set(report["encoder"]["logs_per_s_by_encoding"]) == {"kv", "json", "cef", "leef"}
+    assert all(rate > 0 for rate in report["encoder"]["logs_per_s_by_encoding"].values())
     assert report["encoder_profile"]["forwarder"]["top_own_time"]
     assert "latency" not in report
     assert "forwarder, 2 processes" in table
