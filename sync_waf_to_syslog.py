@@ -69,7 +69,8 @@ SETTINGS: syslog
   SYSLOG_TAG              APP-NAME (RFC 5424) / TAG (RFC 3164)                   default AliyunWAF
   SYSLOG_MAX_MESSAGE_SIZE bytes per message; longer messages have their longest values cut
                           (counted and logged); UDP can never exceed 65507          default 65507
-  SYSLOG_TIMEOUT          seconds a connect or a send may stall before it is retried   default 120
+  SYSLOG_TIMEOUT          seconds a send may stall before it is retried (a connect or TLS
+                          handshake: at most 10)                                     default 120
   SYSLOG_RETRY_MAX_DELAY  longest pause between reconnect attempts, seconds           default 30
   SYSLOG_RELP_WINDOW      relp: most messages sent ahead of the server's acknowledgements  default 128
   SYSLOG_CERT_PATH        CA bundle that signed the server's certificate (tls, relp+tls); system
@@ -995,6 +996,7 @@ class TcpTransport:
     host; a connection closed or reset before that raises, and the caller sends the batch again."""
 
     POLL = 0.5  # seconds between checks of the stop flag while blocked
+    CONNECT_TIMEOUT = 10  # a connect or TLS handshake cannot watch the stop flag: keep it short
 
     def __init__(self, settings):
         self.address = (settings.syslog_host, settings.syslog_port)
@@ -1003,7 +1005,7 @@ class TcpTransport:
         self.sock = None
 
     def open_socket(self):
-        sock = socket.create_connection(self.address, timeout=self.timeout)
+        sock = socket.create_connection(self.address, timeout=min(self.timeout, self.CONNECT_TIMEOUT))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return sock
 
