@@ -1442,16 +1442,13 @@ def make_processor_class():
                 return tracker.get_check_point()
             forwarder.stats.sent(self.shard_id, messages, newest)
             log.info("Complete send data to remote")
-            if forwarder.save_checkpoints:
-                tracker.save_check_point(False)  # in memory; Forwarder.flush_checkpoints saves it
-                forwarder.trackers[self.shard_id] = tracker
+            tracker.save_check_point(False)  # in memory; Forwarder.flush_checkpoints saves it
+            forwarder.trackers[self.shard_id] = tracker
             return None
 
         def shutdown(self, tracker):
             # The SDK's default saves the cursor of the last batch *handed* to process(); the
             # tracker's checkpoint here only ever moved past delivered batches, so flush that.
-            if not self.forwarder.save_checkpoints:
-                return
             if self.forwarder.trackers.get(self.shard_id) is tracker:
                 del self.forwarder.trackers[self.shard_id]
             save_delivered_checkpoint(tracker)
@@ -1570,13 +1567,12 @@ class SdkLogFilter(logging.Filter):
 class Forwarder:
     """Everything one consumer process shares across its shards."""
 
-    def __init__(self, settings, stop, save_checkpoints=True):
+    def __init__(self, settings, stop):
         self.settings = settings
         self.stop = stop
         self.stats = Stats()
         self.encoder = MessageEncoder(settings)
         self.delivery = Delivery(settings, TRANSPORTS[settings.syslog_protocol](settings), stop, self.stats)
-        self.save_checkpoints = save_checkpoints
         self.trackers = {}  # shard -> checkpoint tracker of its processor
 
     def send(self, messages):
