@@ -1623,11 +1623,24 @@ def consumer_config(settings):
 # Program
 # ================================================================================================
 
-def run(settings):
-    """Consume until stopped; returns the exit status."""
+def stop_on_signals():
+    """An Event that SIGTERM and SIGINT set. The main thread only sleeps and polls it (`stopped`),
+    never stop.wait(): a handler that ran while this thread held the Event's lock would deadlock."""
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def stopped(stop, seconds):
+    """Sleep, then say whether a stop was requested (see stop_on_signals)."""
+    time.sleep(seconds)
+    return stop.is_set()
+
+
+def run(settings):
+    """Consume until stopped; returns the exit status."""
+    stop = stop_on_signals()
     from aliyun.log.consumer.exceptions import ClientWorkerException
     forwarder = Forwarder(settings, stop)
     config = consumer_config(settings)
@@ -1669,7 +1682,7 @@ def run(settings):
 def supervise(settings, worker, forwarder, stop):
     """Wait for a stop signal; watch the SDK's worker thread and print statistics meanwhile."""
     next_stats = time.monotonic() + (settings.stats_interval or float("inf"))
-    while not stop.wait(0.5):
+    while not stopped(stop, 0.5):
         if not worker.is_alive():
             if worker.shut_down_flag and settings.sls_cursor_end:
                 log.info("replay finished: every shard reached SLS_CURSOR_END")
@@ -1786,9 +1799,7 @@ def die_with_parent():
 def run_workers(settings, count, environment):
     """--workers N: N consumer processes of the group on this host ({name}-0 ... {name}-N-1),
     restarted when one dies; SIGTERM / SIGINT is passed on and waited for."""
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     names = [f"{settings.sls_consumer_name}-{i}" for i in range(count)]
     children, started, delays = {}, {}, {name: 1.0 for name in names}
 
@@ -1805,7 +1816,7 @@ def run_workers(settings, count, environment):
         start(name)
     restart_at = {}
     while children or restart_at:
-        if stop.wait(0.5):
+        if stopped(stop, 0.5):
             break
         for name, child in list(children.items()):
             status = child.poll()

@@ -1256,7 +1256,10 @@ def main(argv: Optional[list] = None) -> int:
             parser.error(f"--load {path}: {exc}")
     with emulator:
         print(f"{ADDR_LINE_PREFIX}{emulator.addr}", flush=True)
-        stop_requested.wait()
+        # Poll, not stop_requested.wait(): the handler runs in this thread and would deadlock on
+        # the Event's lock if the signal came while this thread held it.
+        while not stop_requested.is_set():
+            time.sleep(0.1)
     return 0
 
 
