@@ -531,7 +531,7 @@ def values_escaper(separator):
     """escape_values(values) -> the escaped values, escaped together as one text (the values joined
     by NUL) instead of with a Python call per value."""
     escape_joined = _escaper(separator, value_end=r"(?=\x00|\Z)", joiner=VALUE_JOINER)
-    escape_value = _escaper(separator)
+    escape_value = kv_escapers(separator)[1]
     controls = re.compile("[" + "".join(re.escape(chr(c)) for c in _CONTROL_ESCAPES if c not in (0, 92)) + "]")
 
     def escape_values(values):
@@ -1696,14 +1696,19 @@ def supervise(settings, worker, forwarder, stop):
     return EXIT_OK
 
 
+def sls_client(settings):
+    """A plain SDK LogClient (no consumer group) for --check, --dry-run and counting shards."""
+    from aliyun.log import LogClient
+    return LogClient(settings.sls_endpoint, settings.sls_access_key_id,
+                     settings.sls_access_key_secret, settings.sls_sts_token or None)
+
+
 def check(settings):
     """--check: one verdict line per check; 0 when all pass, 1 otherwise."""
-    from aliyun.log import LogClient
     from aliyun.log.logexception import LogException
 
     results = []
-    client = LogClient(settings.sls_endpoint, settings.sls_access_key_id,
-                       settings.sls_access_key_secret, settings.sls_sts_token or None)
+    client = sls_client(settings)
     try:
         shards = client.list_shards(settings.sls_project, settings.sls_logstore).get_shards_info()
         groups = client.list_consumer_group(settings.sls_project, settings.sls_logstore).get_consumer_groups()
@@ -1732,11 +1737,9 @@ def check(settings):
 def dry_run(settings):
     """--dry-run: print the next messages of every shard (from the group's checkpoints, or from
     SLS_CURSOR_START) up to the current end of each shard; join no group, save nothing."""
-    from aliyun.log import LogClient
     from aliyun.log.logexception import LogException
 
-    client = LogClient(settings.sls_endpoint, settings.sls_access_key_id,
-                       settings.sls_access_key_secret, settings.sls_sts_token or None)
+    client = sls_client(settings)
     encoder = MessageEncoder(settings)
     project, logstore = settings.sls_project, settings.sls_logstore
     try:
@@ -1776,13 +1779,11 @@ def worker_count(settings):
     """SYNC_WORKERS as a number: "auto" is one process per CPU core, but no more than shards."""
     if settings.workers != "auto":
         return settings.workers
-    from aliyun.log import LogClient
     from aliyun.log.logexception import LogException
     cores = os.cpu_count() or 1
     try:
-        shards = len(LogClient(settings.sls_endpoint, settings.sls_access_key_id,
-                               settings.sls_access_key_secret, settings.sls_sts_token or None)
-                     .list_shards(settings.sls_project, settings.sls_logstore).get_shards_info())
+        shards = len(sls_client(settings).list_shards(settings.sls_project, settings.sls_logstore)
+                     .get_shards_info())
     except LogException as exc:
         log.warning("cannot count the shards (%s); starting one worker per core", exc.get_error_code())
         return cores
