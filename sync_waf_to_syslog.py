@@ -37,7 +37,8 @@ SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
   SLS_CURSOR_END          stop after logs received up to this ISO-8601 time (replay/backfill)
   SLS_HEARTBEAT_INTERVAL  seconds between consumer-group heartbeats                    default 20
   SLS_FETCH_INTERVAL      seconds between fetch rounds; each round hands every shard at most one
-                          batch, and a log waits up to about two rounds               default 0.2
+                          batch, and a log waits up to about two rounds; an idle shard
+                          is still pulled only twice a second                         default 0.05
   SLS_MAX_FETCH_GROUPS    most log groups fetched per pull (1-1000); memory grows with it (the
                           SDK holds about three batches per shard)                    default 100
   SLS_WORKER_POOL_SIZE    SDK threads shared by fetching and processing                  default 2
@@ -113,6 +114,7 @@ MESSAGE
   The mapping tables are under "SIEM mappings" in this file, ready to edit; README.md has examples.
 """
 import argparse
+import collections
 import dataclasses
 import errno
 import fcntl
@@ -371,7 +373,7 @@ class _SettingsReader:
             sls_cursor_start=self.timestamp("SLS_CURSOR_START", "begin", ("begin", "end")),
             sls_cursor_end=self.timestamp("SLS_CURSOR_END", "", ("end",)),
             sls_heartbeat_interval=self.number("SLS_HEARTBEAT_INTERVAL", 20, 1, 3600),
-            sls_fetch_interval=self.number("SLS_FETCH_INTERVAL", 0.2, 0.01, 3600, float),
+            sls_fetch_interval=self.number("SLS_FETCH_INTERVAL", 0.05, 0.01, 3600, float),
             sls_max_fetch_groups=self.number("SLS_MAX_FETCH_GROUPS", 100, 1, 1000),
             sls_worker_pool_size=self.number("SLS_WORKER_POOL_SIZE", 2, 1, 64),
             sls_topics=frozenset(self.name_list("SLS_TOPICS")),
@@ -510,6 +512,103 @@ EVENT_SEVERITY = {
 OTHER_ACTION_SEVERITY = 5  # a final_action the table does not list
 
 # ------------------------------------------------------------------------------------------------
+# Reading a pull: the uncompressed body of PullLogs, a serialized LogGroupList
+# ------------------------------------------------------------------------------------------------
+# The SDK parses a pull into one protobuf object per Log.Content, and reading Key and Value off those
+# costs more than all the encoding. Here protobuf's C parser reads the same bytes (wire layout in
+# ../shared/sls-wire-protocol.md section 6) with a schema in which a Log's repeated Contents are ONE
+# optional message of repeated Key and repeated Value: protobuf merges the occurrences of an
+# optional message, so each Log comes out holding its keys and its values as two lists of bytes,
+# in order. LogTags likewise. Every encoder reads logs in this shape:
+#   group.Topic, group.Source (bytes), group.LogTags.Key / .Value, group.Logs
+#   log.Time, log.Time_ns, log.Contents.Key / .Value (lists of bytes, possibly invalid UTF-8)
+
+Pairs = collections.namedtuple("Pairs", "Key Value")
+ParsedLog = collections.namedtuple("ParsedLog", "Time Time_ns Contents")
+ParsedLogGroup = collections.namedtuple("ParsedLogGroup", "Topic Source LogTags Logs")
+
+
+@functools.lru_cache(maxsize=2)
+def log_group_list_class(merged):
+    """The LogGroupList message class with Contents and LogTags merged (see above), or, unmerged,
+    as SLS defines it but with every field optional bytes (for bytes that do not pair up)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    field = descriptor_pb2.FieldDescriptorProto
+    pairs_label = field.LABEL_OPTIONAL if merged else field.LABEL_REPEATED
+    text_label = field.LABEL_REPEATED if merged else field.LABEL_OPTIONAL
+    schema = descriptor_pb2.FileDescriptorProto(name=f"sync_waf_to_syslog_{merged}.proto", package="waf")
+    for name, fields in {
+        "Pairs": [("Key", 1, field.TYPE_BYTES, text_label), ("Value", 2, field.TYPE_BYTES, text_label)],
+        "Log": [("Time", 1, field.TYPE_UINT32, field.LABEL_OPTIONAL), ("Contents", 2, ".waf.Pairs", pairs_label),
+                ("Time_ns", 4, field.TYPE_FIXED32, field.LABEL_OPTIONAL)],
+        "LogGroup": [("Logs", 1, ".waf.Log", field.LABEL_REPEATED),
+                     ("Topic", 3, field.TYPE_BYTES, field.LABEL_OPTIONAL),
+                     ("Source", 4, field.TYPE_BYTES, field.LABEL_OPTIONAL),
+                     ("LogTags", 6, ".waf.Pairs", pairs_label)],
+        "LogGroupList": [("LogGroups", 1, ".waf.LogGroup", field.LABEL_REPEATED)],
+    }.items():
+        message = schema.message_type.add(name=name)
+        for field_name, number, kind, label in fields:
+            if isinstance(kind, str):  # the name of a message type
+                message.field.add(name=field_name, number=number, label=label, type=field.TYPE_MESSAGE,
+                                  type_name=kind)
+            else:
+                message.field.add(name=field_name, number=number, label=label, type=kind)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(schema)
+    descriptor = pool.FindMessageTypeByName("waf.LogGroupList")
+    if hasattr(message_factory, "GetMessageClass"):  # protobuf >= 4.21
+        return message_factory.GetMessageClass(descriptor)
+    return message_factory.MessageFactory(pool).GetPrototype(descriptor)
+
+
+def read_log_groups(raw):
+    """The LogGroups of a serialized LogGroupList, in the shape above. Raises protobuf's DecodeError
+    if the bytes do not parse."""
+    groups = log_group_list_class(merged=True).FromString(raw).LogGroups
+    if all(len(p.Key) == len(p.Value) for g in groups for p in (g.LogTags, *(e.Contents for e in g.Logs))):
+        return groups
+    # A Content or LogTag without its Key or its Value: merged lists would pair the wrong keys and
+    # values, so read them one by one, a missing one empty, as the SDK does. (SLS requires both, so
+    # this does not happen; only a log with one Content lacking its Key and another lacking its
+    # Value would pass the count above, and its fields would be shifted.)
+    def pairs(items):
+        return Pairs([item.Key for item in items], [item.Value for item in items])
+
+    return [ParsedLogGroup(g.Topic, g.Source, pairs(g.LogTags),
+                           [ParsedLog(e.Time, e.Time_ns, pairs(e.Contents)) for e in g.Logs])
+            for g in log_group_list_class(merged=False).FromString(raw).LogGroups]
+
+
+def read_pull(response):
+    """The processor's preprocessor: the LogGroups of a PullLogResponse, read from its uncompressed
+    body, which the SDK (0.9) keeps and parses only when asked. It runs in the SDK's fetch task, so
+    a pull that does not parse is fetched again, as with the SDK's own parse."""
+    raw = getattr(response, "_raw_uncompressed_body", None)  # SDK internal, hence the fallback
+    if not isinstance(raw, (bytes, bytearray)):
+        raw = response.get_loggroup_list().SerializeToString()
+    return read_log_groups(raw)
+
+
+def text_of(value):
+    """Text of a key or value: invalid UTF-8 becomes U+FFFD."""
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def group_fields(log_group):
+    """The fields every log of a LogGroup shares: __topic__, __source__ and each __tag__:*."""
+    tags = log_group.LogTags
+    return [("__topic__", text_of(log_group.Topic)), ("__source__", text_of(log_group.Source)),
+            *((f"__tag__:{text_of(key)}", text_of(value)) for key, value in zip(tags.Key, tags.Value))]
+
+
+def log_fields(log):
+    """A log's own fields as (key, value) text pairs, in order."""
+    return list(zip(map(text_of, log.Contents.Key), map(text_of, log.Contents.Value)))
+
+
+# ------------------------------------------------------------------------------------------------
 # key=value (SYSLOG_ENCODING=kv, the default)
 # ------------------------------------------------------------------------------------------------
 
@@ -517,35 +616,16 @@ _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in range(32) if c != 9}  # TAB is kep
 _CONTROL_ESCAPES.update({10: "\\n", 13: "\\r", 92: "\\\\"})
 
 
-VALUE_JOINER = "\x00"  # joins a log's values for one escaping pass (escaped values hold no raw NUL)
+def encode_kv(fields, separator):
+    """MSG body: key=value pairs joined by the separator, escaped so the split is exact."""
+    escape_key, escape_value = kv_escapers(separator)
+    return separator.join(f"{escape_key(k)}={escape_value(v)}" for k, v in fields)
 
 
 @functools.lru_cache(maxsize=8)
 def kv_escapers(separator):
     """(escape_key, escape_value) for one separator; see MESSAGE in the docstring for the rules."""
     return _escaper(separator, "="), _escaper(separator)
-
-
-@functools.lru_cache(maxsize=8)
-def values_escaper(separator):
-    """escape_values(values) -> the escaped values, escaped together as one text (the values joined
-    by NUL) instead of with a Python call per value."""
-    escape_joined = _escaper(separator, value_end=r"(?=\x00|\Z)", joiner=VALUE_JOINER)
-    escape_value = kv_escapers(separator)[1]
-    controls = re.compile("[" + "".join(re.escape(chr(c)) for c in _CONTROL_ESCAPES if c not in (0, 92)) + "]")
-
-    def escape_values(values):
-        joined = VALUE_JOINER.join(values)
-        if joined.count(VALUE_JOINER) != len(values) - 1:  # a value holds NUL itself (rare)
-            return list(map(escape_value, values))
-        if len(separator) == 1 and not controls.search(joined):
-            # The usual case: only \ and the separator to escape, by two str.replace (no regex).
-            joined = joined.replace("\\", "\\\\").replace(separator, "\\" + separator)
-        else:
-            joined = escape_joined(joined)
-        return joined.split(VALUE_JOINER)
-
-    return escape_values
 
 
 def _escaper(separator, extra="", value_end=r"\Z", joiner=""):
@@ -571,51 +651,51 @@ def _escaper(separator, extra="", value_end=r"\Z", joiner=""):
     return lambda text: pattern.sub(replacement, text) if quick.search(text) else text
 
 
-def encode_kv(fields, separator):
-    """MSG body: key=value pairs joined by the separator, escaped so the split is exact."""
-    escape_key, escape_value = kv_escapers(separator)
-    return separator.join(f"{escape_key(k)}={escape_value(v)}" for k, v in fields)
+# The fast path: encode_kv of a log's own fields (the Contents) as read from the pull, with a few
+# C-level passes per log instead of Python work per field, which is what limits the forwarder.
+# The values are joined by NUL into one bytes object, escaped in one pass, split again and put
+# into a %-template of the escaped keys. NUL is never part of a multi-byte UTF-8 character, and
+# escaping only adds ASCII next to ASCII, so invalid UTF-8 turns into the same U+FFFD as when each
+# value is decoded and escaped on its own (tests/test_encoders.py checks this against encode_kv).
 
-
-def text_of(value):
-    """SDK values are str, or bytes when SLS holds invalid UTF-8: those become U+FFFD."""
-    return value if isinstance(value, str) else value.decode("utf-8", "replace")
-
-
-def group_fields(log_group):
-    """The fields every log of a LogGroup shares: __topic__, __source__ and each __tag__:*."""
-    fields = [("__topic__", text_of(log_group.Topic)), ("__source__", text_of(log_group.Source))]
-    fields.extend((f"__tag__:{text_of(t.Key)}", text_of(t.Value)) for t in log_group.LogTags)
-    return fields
-
-
-def log_fields(log):
-    return [(text_of(c.Key), text_of(c.Value)) for c in log.Contents]
-
-
-KEY_AND_VALUE = operator.attrgetter("Key", "Value")
+_CONTROL_BYTES = bytes(c for c in _CONTROL_ESCAPES if c not in (0, 92))  # NUL joins, \ is not a control
 
 
 @functools.lru_cache(maxsize=256)
-def key_prefixes(keys, separator):
-    """The escaped "key=" of each key, once per set of keys (the logs of a logstore share one)."""
+def kv_template(keys, separator):
+    """b"key1=%s<separator>key2=%s..." for a tuple of raw keys: the logs of a logstore share one."""
     escape_key = kv_escapers(separator)[0]
-    return [f"{escape_key(key)}=" for key in keys]
+    pairs = separator.join(escape_key(text_of(key)) + "=\x00" for key in keys)  # NUL: no escaped text holds it
+    return pairs.replace("%", "%%").replace("\x00", "%s").encode()
 
 
-def log_kv_body(log, separator):
-    """encode_kv(log_fields(log), separator) in a few C-level passes per log instead of Python work
-    per field, which is what limits the forwarder: the pairs in one map, all values escaped in one
-    regex pass, everything joined in one join."""
-    pairs = list(map(KEY_AND_VALUE, log.Contents))
-    if not pairs:
-        return ""
-    keys, values = zip(*pairs)
-    try:
-        escaped = values_escaper(separator)(values)
-        return separator.join(map(operator.add, key_prefixes(keys, separator), escaped))
-    except TypeError:  # bytes, not str: the SDK parsed a batch that holds invalid UTF-8
-        return encode_kv(log_fields(log), separator)
+@functools.lru_cache(maxsize=8)
+def joined_values_escaper(separator):
+    """escape(joined) -> the escaped values, UTF-8, from a log's raw values joined by NUL."""
+    escape_text = _escaper(separator, value_end=r"(?=\x00|\Z)", joiner="\x00")
+    sep = separator.encode()
+
+    def escape(joined):
+        if len(sep) == 1 and len(joined.translate(None, _CONTROL_BYTES)) == len(joined):
+            # The usual case: only \ and the separator to escape, by two bytes.replace (no regex).
+            joined = joined.replace(b"\\", b"\\\\").replace(sep, b"\\" + sep)
+            return joined if joined.isascii() else joined.decode("utf-8", "replace").encode()
+        return escape_text(joined.decode("utf-8", "replace")).encode()
+
+    return escape
+
+
+def kv_body(contents, separator):
+    """encode_kv(log_fields(log), separator).encode() for a log's Contents, or None if a value
+    holds NUL itself (rare): the joined values could then not be split apart again."""
+    values = contents.Value
+    if not values:
+        return b""
+    joined = b"\x00".join(values)
+    if joined.count(b"\x00") != len(values) - 1:
+        return None
+    escaped = joined_values_escaper(separator)(joined)
+    return kv_template(tuple(contents.Key), separator) % tuple(escaped.split(b"\x00"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -832,14 +912,13 @@ def rfc3164_header(pri, timestamp, hostname, tag):
     return f"<{pri}>{timestamp} {hostname} {tag}: "
 
 
-def fit_message(header, fields, encode_body, max_size):
-    """Header + body as bytes within max_size; (bytes, truncated?).
+def fit_message(head, fields, encode_body, max_size):
+    """The header (bytes) + body within max_size; (bytes, truncated?).
 
     The longest values are cut (at a character boundary, marked with "...") until the message fits,
     so every field stays present and the body stays well-formed in every encoding. If even the keys
     do not fit, fields are left out from the end; a header that alone is too long is cut at a UTF-8
     boundary as a last resort."""
-    head = header.encode()
     body = encode_body(fields).encode()
     if len(head) + len(body) <= max_size:
         return head + body, False
@@ -873,7 +952,8 @@ def utf8_boundary(data, end):
 
 
 class MessageEncoder:
-    """Turns the SDK's LogGroupList into syslog messages (bytes, one per log), caching what repeats."""
+    """Turns the LogGroups of a pull (read_log_groups) into syslog messages (bytes, one per log),
+    caching what repeats."""
 
     def __init__(self, settings, procid=None):
         self.settings = settings
@@ -905,35 +985,33 @@ class MessageEncoder:
 
     def group_body_encoder(self, shared):
         """For the logs of one LogGroup, whose shared fields are `shared`: a function (a log ->
-        its MSG body)."""
-        if self.settings.syslog_encoding != "kv":
-            def encode_whole_body(log):
-                fields = shared + log_fields(log)
-                return self.body_encoder(fields)(self.select(fields))
+        its MSG body, UTF-8)."""
+        def encode_whole_body(log):
+            fields = shared + log_fields(log)
+            return self.body_encoder(fields)(self.select(fields)).encode()
+
+        if self.settings.syslog_encoding != "kv" or self.selects_fields:
             return encode_whole_body
         # key=value bodies concatenate, so the shared part is encoded once per group, not per log.
         separator = self.settings.syslog_separator
-        shared_body = encode_kv(self.select(shared), separator)
-
-        def encode_own_fields(log):
-            if self.selects_fields:
-                return encode_kv(self.select(log_fields(log)), separator)
-            return log_kv_body(log, separator)
+        shared_body, glue = encode_kv(shared, separator).encode(), separator.encode()
 
         def encode_body(log):
-            body = encode_own_fields(log)
-            return f"{shared_body}{separator}{body}" if shared_body and body else shared_body or body
+            body = kv_body(log.Contents, separator)
+            if body is None:
+                return encode_whole_body(log)
+            return shared_body + glue + body if body else shared_body
 
         return encode_body
 
-    def encode(self, log_group_list):
+    def encode(self, log_groups):
         """(messages, time of the newest log, number of truncated messages) for one pulled batch.
         Logs of a topic not in SLS_TOPICS give no message, yet count as done: their checkpoint moves."""
         messages, newest, truncated = [], 0, 0
         max_size = self.settings.syslog_max_message_size
         topics = self.settings.sls_topics
         headers = {}  # (seconds, nanoseconds) -> header: the logs of a batch share few timestamps
-        for group in log_group_list.LogGroups:
+        for group in log_groups:
             newest = max(newest, max((entry.Time for entry in group.Logs), default=0))
             if topics and text_of(group.Topic) not in topics:
                 continue
@@ -943,8 +1021,8 @@ class MessageEncoder:
                 stamp = entry.Time, entry.Time_ns
                 header = headers.get(stamp)
                 if header is None:
-                    header = headers[stamp] = self.header(*stamp)
-                message = (header + encode_body(entry)).encode()
+                    header = headers[stamp] = self.header(*stamp).encode()
+                message = header + encode_body(entry)
                 if len(message) > max_size:
                     fields = shared + log_fields(entry)
                     message, _ = fit_message(header, self.select(fields), self.body_encoder(fields), max_size)
@@ -1427,10 +1505,11 @@ def make_processor_class():
         def __init__(self, forwarder):
             super().__init__()
             self.forwarder = forwarder
+            self._preprocessor = read_pull  # the fetch task hands process() read_pull's LogGroups
 
-        def process(self, log_group_list, tracker):
+        def process(self, log_groups, tracker):
             forwarder = self.forwarder
-            messages, newest, truncated = forwarder.encoder.encode(log_group_list)
+            messages, newest, truncated = forwarder.encoder.encode(log_groups)
             log.info("Get data from shard %d, log count: %d", self.shard_id, len(messages))
             if truncated:
                 forwarder.stats.add(truncated=truncated)
@@ -1760,7 +1839,7 @@ def dry_run(settings):
             while cursor != end:
                 response = client.pull_logs(project, logstore, shard_id, cursor,
                                             count=settings.sls_max_fetch_groups, end_cursor=end)
-                messages = encoder.encode(response.get_loggroup_list())[0]
+                messages = encoder.encode(read_pull(response))[0]
                 for message in messages:
                     sys.stdout.buffer.write(message + b"\n")
                 if response.get_next_cursor() == cursor:

@@ -35,9 +35,9 @@ the forwarder's) and a short heartbeat (2 s, or two fetch intervals). How a vari
   (/proc/stat; "machine busy" in cores): the cores are shared with them and with anything else.
 * ratios: throughput / baseline throughput, and baseline CPU per log / this CPU per log.
 
-Then, in this process: the encoder alone (MessageEncoder.encode on a parsed LogGroupList of the
-same logs, next to the SDK's protobuf parse, the SDK's flatten and the sample's formatting),
-a cProfile of the encoder, and, when py-spy is installed, a py-spy profile of every 1-process run
+Then, in this process: the encoder alone (read_log_groups + MessageEncoder.encode from the bytes of
+one pull of the same logs, next to the SDK's protobuf parse and the sample's parse + flatten +
+formatting), a cProfile of the encoder, and, when py-spy is installed, a py-spy profile of every 1-process run
 while it runs (self and inclusive sample shares per function). Last, end-to-end latency on a fresh empty
 emulator: a writer adds --latency-rate logs/s (batches every 0.1 s, each log carrying its send
 time in `bench_sent_at`) for --latency-seconds to one forwarder process; an in-process receiver
@@ -75,7 +75,7 @@ from bench import baseline_processor  # noqa: E402
 from tests.forwarder_process import SCRIPT, ForwarderProcess, forwarder_env  # noqa: E402
 from tests.sls_emulator import EmulatorProcess  # noqa: E402
 from tests.syslog_receiver import ReceiverProcess, SyslogReceiver  # noqa: E402
-from tests.waf_logs import log_group_list, realistic_logs, write_jsonl  # noqa: E402
+from tests.waf_logs import pull_body, realistic_logs, write_jsonl  # noqa: E402
 
 BASELINE_SCRIPT = ROOT / "bench" / "baseline_processor.py"
 DEFAULT_JSON = ROOT / "bench" / "results" / "throughput.json"
@@ -437,52 +437,47 @@ def best_rate(function, count, repeats):
     return round(count / best)
 
 
-def parsed_batch(count, seed):
-    """(serialized LogGroupList, the SDK's parsed LogGroupList) of `count` realistic logs."""
-    from aliyun.log.proto import LogGroupList
-
-    raw = log_group_list(realistic_logs(count, seed=seed, start_time=LOG_START_TIME)).SerializeToString()
-    parsed = LogGroupList()
-    parsed.ParseFromString(raw)
-    return raw, parsed
+def sample_pull(count, seed):
+    """The uncompressed body of a pull (a serialized LogGroupList) of `count` realistic logs."""
+    return pull_body(realistic_logs(count, seed=seed, start_time=LOG_START_TIME))
 
 
 def measure_encoder(forwarders, count, separator, repeats):
-    """logs/s of each in-process step over one parsed batch of `count` 55-field logs:
-    the SDK's parse and flatten, the baseline's formatting, and each forwarder's encoder."""
+    """logs/s of each in-process step from the bytes of one pull of `count` 55-field logs to the
+    messages: the SDK's parse, the baseline's parse + flatten + format, each forwarder's
+    read_log_groups + encode."""
     from aliyun.log.proto import LogGroupList
-    from aliyun.log.pulllog_response import PullLogResponse
 
-    raw, parsed = parsed_batch(count, seed=11)
+    raw = sample_pull(count, seed=11)
     rates = {
-        "sdk_protobuf_parse": best_rate(lambda: LogGroupList().ParseFromString(raw), count, repeats),
-        "sdk_flatten": best_rate(lambda: PullLogResponse.loggroups_to_flattern_list(
-            parsed, time_as_str=True, decode_bytes=True), count, repeats),
-        "baseline_flatten_and_format": best_rate(
-            lambda: baseline_processor.format_batch(parsed, separator), count, repeats),
+        "sdk_protobuf_parse": best_rate(lambda: LogGroupList.FromString(raw), count, repeats),
+        "baseline_parse_flatten_format": best_rate(
+            lambda: baseline_processor.format_batch(LogGroupList.FromString(raw), separator), count, repeats),
     }
     message_bytes = {}
     for name, forwarder in forwarders.items():
         encoder = forwarder.MessageEncoder(encoder_settings(forwarder, separator))
-        message_bytes[name] = round(sum(map(len, encoder.encode(parsed)[0])) / count)
-        rates[f"{name}_encode"] = best_rate(lambda: encoder.encode(parsed), count, repeats)
+        message_bytes[name] = round(sum(map(len, encoder.encode(forwarder.read_log_groups(raw))[0])) / count)
+        rates[f"{name}_read_and_encode"] = best_rate(
+            lambda: encoder.encode(forwarder.read_log_groups(raw)), count, repeats)
     # Each SYSLOG_ENCODING of the forwarder under test (SIEM formats cost more per field than kv).
     forwarder = forwarders["forwarder"]
     encodings = {}
     for encoding in ("kv", "json", "cef", "leef"):
         encoder = forwarder.MessageEncoder(encoder_settings(forwarder, separator, encoding))
-        encodings[encoding] = best_rate(lambda: encoder.encode(parsed), count, repeats)
+        encodings[encoding] = best_rate(lambda: encoder.encode(forwarder.read_log_groups(raw)), count, repeats)
     return {"logs": count, "protobuf_bytes_per_log": round(len(raw) / count),
             "message_bytes_per_log": message_bytes, "logs_per_s": rates,
             "logs_per_s_by_encoding": encodings}
 
 
 def profile_encoder(forwarder, count, separator, top=12):
-    """cProfile of MessageEncoder.encode over one batch: the functions with the most own time."""
-    parsed = parsed_batch(count, seed=12)[1]
+    """cProfile of read_log_groups + MessageEncoder.encode over one pull: the functions with the most
+    own time."""
+    raw = sample_pull(count, seed=12)
     encoder = forwarder.MessageEncoder(encoder_settings(forwarder, separator))
     profiler = cProfile.Profile()
-    profiler.runcall(encoder.encode, parsed)
+    profiler.runcall(lambda: encoder.encode(forwarder.read_log_groups(raw)))
     stats = pstats.Stats(profiler)
     total = stats.total_tt
     rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
@@ -623,7 +618,7 @@ def parse_arguments(argv):
     parser.add_argument("--workers", type=int, default=2, help="processes of forwarder_N (default 2)")
     parser.add_argument("--protocol", choices=("tcp", "udp"), default="tcp")
     parser.add_argument("--separator", default=",", help="SYSLOG_SEP of every variant (default ,)")
-    parser.add_argument("--fetch-interval", type=float, default=0.2, help="SLS_FETCH_INTERVAL (default 0.2)")
+    parser.add_argument("--fetch-interval", type=float, default=0.05, help="SLS_FETCH_INTERVAL (default 0.05)")
     parser.add_argument("--max-fetch-groups", type=int, default=100, help="SLS_MAX_FETCH_GROUPS (default 100)")
     parser.add_argument("--pool-size", type=int, default=2, help="SLS_WORKER_POOL_SIZE (default 2)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="result file (default %(default)s)")

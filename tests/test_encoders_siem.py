@@ -20,7 +20,7 @@ from tests.kv import parse_kv
 from tests.leef import parse_leef
 from tests.test_encoders import RFC5424, make_settings
 from tests.test_end_to_end import assert_checkpoints_at_end, unique_tag, wait_for_records
-from tests.waf_logs import expected_fields, hostile_logs, log_group_list, realistic_logs, write_jsonl
+from tests.waf_logs import expected_fields, hostile_logs, pull_body, realistic_logs, write_jsonl
 
 LOGS = realistic_logs(200, seed=11) + hostile_logs()
 SEVERITY = {"block": "8", "captcha": "5", "js": "5", "": "2"}  # the actions in tests/waf_logs.py
@@ -29,7 +29,7 @@ _C0_BUT_TAB_LF_CR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 def bodies(logs, **env):
     """The MSG of each log's message, as text."""
-    messages, _, _ = fwd.MessageEncoder(make_settings(**env), procid=4242).encode(log_group_list(logs))
+    messages, _, _ = fwd.MessageEncoder(make_settings(**env), procid=4242).encode(fwd.read_log_groups(pull_body(logs)))
     return [RFC5424.match(message).group(8).decode("utf-8") for message in messages]
 
 
@@ -267,7 +267,7 @@ def test_cut_messages_stay_well_formed(encoding, max_size):
     logs = [entry for entry in LOGS if entry["request_traceid"] in ("hostile-huge", "hostile-huge_utf8")]
     messages, _, truncated = fwd.MessageEncoder(
         make_settings(SYSLOG_ENCODING=encoding, SYSLOG_MAX_MESSAGE_SIZE=str(max_size)), procid=1) \
-        .encode(log_group_list(logs))
+        .encode(fwd.read_log_groups(pull_body(logs)))
     assert truncated == len(logs)
     parse, expect = PARSERS[encoding]
     for entry, message in zip(logs, messages):
@@ -307,7 +307,7 @@ def test_only_the_configured_topics_are_sent_yet_every_log_counts():
              for i, entry in enumerate(realistic_logs(5, seed=3, start_time=2_000_000_000))]
     logs = LOGS[:10] + other + LOGS[10:20]
     encoder = fwd.MessageEncoder(make_settings(SLS_TOPICS="waf_access_log, waf_more_log"), procid=1)
-    messages, newest, _ = encoder.encode(log_group_list(logs))
+    messages, newest, _ = encoder.encode(fwd.read_log_groups(pull_body(logs)))
     sent = [dict(parse_kv(RFC5424.match(m).group(8).decode(), ","))["request_traceid"] for m in messages]
     assert sent == [entry["request_traceid"] for entry in LOGS[:20]]
     assert newest == 2_000_000_000  # the skipped logs are the newest: they count as done
@@ -338,7 +338,7 @@ def test_rsyslog_receives_exactly_what_the_encoder_makes(variant, rsyslog, waf_d
     env = forwarder_env(emulator, port=rsyslog.ports["tcp"], SYSLOG_TAG=tag, **E2E[variant])
     expected = collections.Counter(
         RFC5424.match(message).group(8).decode("utf-8")
-        for message in fwd.MessageEncoder(fwd.Settings.from_environment(env)).encode(log_group_list(logs))[0])
+        for message in fwd.MessageEncoder(fwd.Settings.from_environment(env)).encode(fwd.read_log_groups(pull_body(logs)))[0])
     with ForwarderProcess(env, tmp_path) as forwarder:
         records = wait_for_records(rsyslog, tag, sum(expected.values()))
         assert forwarder.stop() == 0, forwarder.stderr()[-2000:]

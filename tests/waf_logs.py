@@ -183,8 +183,8 @@ def write_jsonl(path, logs):
 
 
 def log_group_list(logs):
-    """An SDK `LogGroupList` (what the forwarder's processor receives) holding `logs`, one LogGroup
-    per run of logs that share topic, source and tags. Surrogate-escaped values become raw bytes."""
+    """An SDK `LogGroupListRaw` holding `logs`, one LogGroup per run of logs that share topic,
+    source and tags. Surrogate-escaped values become raw bytes."""
     from aliyun.log.proto import LogGroupListRaw
 
     groups = LogGroupListRaw()
@@ -218,3 +218,9 @@ def expected_fields(entry):
     fields += [(k, v) for k, v in entry.items() if k.startswith("__tag__:")]
     fields += [(k, text(v)) for k, v in entry.items() if not k.startswith("__")]
     return fields
+
+
+def pull_body(logs):
+    """The uncompressed body of a PullLogs answer holding `logs` (a serialized LogGroupList), as the
+    SDK writes it: what the forwarder reads with read_log_groups."""
+    return log_group_list(logs).SerializeToString()
