@@ -446,8 +446,15 @@ def safe_file_name(text):
 
 def load_env_file(path, environ):
     """Variables from a .env file, overridden by the real environment."""
-    from dotenv import dotenv_values
-    values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    try:
+        from dotenv import dotenv_values
+    except ImportError:
+        raise SettingsError([f"{path}: reading it needs python-dotenv, which is not installed "
+                             "(pip install -r requirements.txt), or set the variables in the environment"]) from None
+    try:
+        values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError([f"{path}: cannot read it: {exc}"]) from None
     values.update(environ)
     return values
 
@@ -1980,13 +1987,13 @@ def parse_arguments(argv):
 def main(argv=None):
     args = parse_arguments(argv)
     env_file = args.env_file or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env")
-    if args.env_file and not os.access(env_file, os.R_OK):
+    if args.env_file and not (os.path.isfile(env_file) and os.access(env_file, os.R_OK)):
         print(f"--env-file: cannot read file {env_file!r}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
-    environment = load_env_file(env_file, os.environ) if os.path.exists(env_file) else dict(os.environ)
-    environment.update({name: value for name, value in vars(args).items()
-                        if name.startswith("SYNC_") and value is not None})
     try:
+        environment = load_env_file(env_file, os.environ) if os.path.isfile(env_file) else dict(os.environ)
+        environment.update({name: value for name, value in vars(args).items()
+                            if name.startswith("SYNC_") and value is not None})
         settings = Settings.from_environment(environment)
     except SettingsError as exc:
         for problem in exc.problems:

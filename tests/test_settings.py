@@ -111,6 +111,24 @@ def test_missing_env_file_is_a_settings_error(tmp_path):
     assert status == 2 and "--env-file" in err and "Traceback" not in err
 
 
+def test_unreadable_env_file_or_missing_dotenv_is_one_line_and_exit_2(tmp_path):
+    status, _, err = run_with(GOOD, ["--env-file", str(tmp_path)])  # a directory
+    assert status == 2 and err.count("\n") == 1 and "--env-file" in err and "Traceback" not in err
+    env_file = tmp_path / "forwarder.env"
+    env_file.write_bytes(b"SYSLOG_PORT=\xff\xfe\n")  # not UTF-8
+    status, _, err = run_with(GOOD, ["--env-file", str(env_file)])
+    assert status == 2 and err.count("\n") == 1 and str(env_file) in err and "Traceback" not in err
+    env_file.write_text("SYSLOG_PORT=1514\n")
+    without_dotenv = ("import runpy, sys; sys.modules['dotenv'] = None; "
+                      f"sys.argv = ['sync_waf_to_syslog.py', '--env-file', {str(env_file)!r}]; "
+                      f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLS_", "SYSLOG_", "SYNC_"))}
+    result = subprocess.run([sys.executable, "-c", without_dotenv], env={**clean, **GOOD},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "python-dotenv" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 def test_env_file_is_read_and_the_real_environment_wins(tmp_path):
     env_file = tmp_path / "forwarder.env"
     env_file.write_text("SYSLOG_FACILITY=bogus\nSYSLOG_SEVERITY=warning\nSYSLOG_PORT=1514\n")
