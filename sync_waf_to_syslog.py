@@ -598,9 +598,9 @@ def read_pull(response):
     return read_log_groups(raw)
 
 
-def text_of(value):
-    """Text of a key or value: invalid UTF-8 becomes U+FFFD."""
-    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+def text_of(raw):
+    """The text of a raw key or value: invalid UTF-8 becomes U+FFFD."""
+    return raw.decode("utf-8", "replace")
 
 
 def group_fields(log_group):
@@ -610,9 +610,16 @@ def group_fields(log_group):
             *((f"__tag__:{text_of(key)}", text_of(value)) for key, value in zip(tags.Key, tags.Value))]
 
 
+def texts(raw_items):
+    """text_of of each raw key or value, decoded in one pass (NUL is never part of a multi-byte
+    UTF-8 character, so joining by it changes nothing), unless one holds NUL itself."""
+    decoded = b"\x00".join(raw_items).decode("utf-8", "replace").split("\x00")
+    return decoded if len(decoded) == len(raw_items) else list(map(text_of, raw_items))
+
+
 def log_fields(log):
     """A log's own fields as (key, value) text pairs, in order."""
-    return list(zip(map(text_of, log.Contents.Key), map(text_of, log.Contents.Value)))
+    return list(zip(texts(log.Contents.Key), texts(log.Contents.Value)))
 
 
 # ------------------------------------------------------------------------------------------------
