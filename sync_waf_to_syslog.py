@@ -675,12 +675,17 @@ def _escaper(separator, extra="", value_end=r"\Z", joiner=""):
 _CONTROL_BYTES = bytes(c for c in _CONTROL_ESCAPES if c not in (0, 92))  # NUL joins, \ is not a control
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def kv_template(keys, separator):
-    """b"key1=%s<separator>key2=%s..." for a tuple of raw keys: the logs of a logstore share one."""
-    escape_key = kv_escapers(separator)[0]
-    pairs = separator.join(escape_key(text_of(key)) + "=\x00" for key in keys)  # NUL: no escaped text holds it
-    return pairs.replace("%", "%%").replace("\x00", "%s").encode()
+    """b"key1=%s<separator>key2=%s..." for a tuple of raw keys. Logs differ in which fields they
+    have (a module that did not act leaves its fields out), so a logstore has many, from few keys."""
+    return separator.replace("%", "%%").encode().join(kv_template_part(key, separator) for key in keys)
+
+
+@functools.lru_cache(maxsize=4096)
+def kv_template_part(key, separator):
+    """b"key=%s" for one raw key, escaped."""
+    return (kv_escapers(separator)[0](text_of(key)).replace("%", "%%") + "=%s").encode()
 
 
 @functools.lru_cache(maxsize=8)

@@ -58,6 +58,7 @@ import math
 import os
 import platform
 import pstats
+import random
 import re
 import shutil
 import signal
@@ -437,9 +438,16 @@ def best_rate(function, count, repeats):
     return round(count / best)
 
 
-def sample_pull(count, seed):
-    """The uncompressed body of a pull (a serialized LogGroupList) of `count` realistic logs."""
-    return pull_body(realistic_logs(count, seed=seed, start_time=LOG_START_TIME))
+def sample_pull(count, seed, optional_fields=0):
+    """The uncompressed body of a pull (a serialized LogGroupList) of `count` realistic logs; each
+    of their last `optional_fields` fields is left out of a log with probability 1/2, as WAF leaves
+    out the fields of modules that did not act (so logs differ in their sets of keys)."""
+    logs = realistic_logs(count, seed=seed, start_time=LOG_START_TIME)
+    if optional_fields:
+        rng = random.Random(seed)
+        optional = set(list(logs[0])[-optional_fields:])
+        logs = [{k: v for k, v in entry.items() if k not in optional or rng.random() < 0.5} for entry in logs]
+    return pull_body(logs)
 
 
 def measure_encoder(forwarders, count, separator, repeats):
@@ -448,7 +456,7 @@ def measure_encoder(forwarders, count, separator, repeats):
     read_log_groups + encode."""
     from aliyun.log.proto import LogGroupList
 
-    raw = sample_pull(count, seed=11)
+    raw, varying = sample_pull(count, seed=11), sample_pull(count, seed=11, optional_fields=20)
     rates = {
         "sdk_protobuf_parse": best_rate(lambda: LogGroupList.FromString(raw), count, repeats),
         "baseline_parse_flatten_format": best_rate(
@@ -460,6 +468,8 @@ def measure_encoder(forwarders, count, separator, repeats):
         message_bytes[name] = round(sum(map(len, encoder.encode(forwarder.read_log_groups(raw))[0])) / count)
         rates[f"{name}_read_and_encode"] = best_rate(
             lambda: encoder.encode(forwarder.read_log_groups(raw)), count, repeats)
+        rates[f"{name}_read_and_encode_varying_keys"] = best_rate(
+            lambda: encoder.encode(forwarder.read_log_groups(varying)), count, repeats)
     # Each SYSLOG_ENCODING of the forwarder under test (SIEM formats cost more per field than kv).
     forwarder = forwarders["forwarder"]
     encodings = {}

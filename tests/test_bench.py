@@ -39,7 +39,8 @@ def test_quick_run_measures_every_variant_on_every_log(tmp_path):
     assert variants["forwarder_n"]["processes"] >= 2
     assert set(report["ratios"]) == {"forwarder_1", "forwarder_n"}
     assert set(report["encoder"]["logs_per_s"]) == {
-        "sdk_protobuf_parse", "baseline_parse_flatten_format", "forwarder_read_and_encode"}
+        "sdk_protobuf_parse", "baseline_parse_flatten_format", "forwarder_read_and_encode",
+        "forwarder_read_and_encode_varying_keys"}
     assert all(rate > 0 for rate in report["encoder"]["logs_per_s"].values())
     assert set(report["encoder"]["logs_per_s_by_encoding"]) == {"kv", "json", "cef", "leef"}
     assert all(rate > 0 for rate in report["encoder"]["logs_per_s_by_encoding"].values())
