@@ -82,7 +82,8 @@ SETTINGS: syslog
 
 SETTINGS: this program
   SYNC_LOG_LEVEL          DEBUG | INFO | WARNING | ERROR                               default INFO
-  SYNC_LOG_FILE           also write the log to this file                   default stderr only
+  SYNC_LOG_FILE           also write the log to this file; reopened when logrotate moves it
+                          (the log has two INFO lines per batch: rotate it)  default stderr only
   SYNC_LOCK_FILE          lock that keeps a second copy from starting (--lock-file)
                                           default <tmp>/sync_waf_to_syslog-<consumer name>.lock
   SYNC_STATS_INTERVAL     seconds between statistics lines, 0 = off (--stats-interval)  default 60
@@ -122,6 +123,7 @@ import fnmatch
 import functools
 import json
 import logging
+import logging.handlers
 import operator
 import os
 import random
@@ -1965,7 +1967,9 @@ def acquire_lock(path):
 def setup_logging(settings):
     handlers = [logging.StreamHandler(sys.stderr)]
     if settings.log_file:
-        handlers.append(logging.FileHandler(settings.log_file))
+        # Reopened when logrotate has moved it away (its default, "create"); safe with --workers,
+        # whose processes all write this file.
+        handlers.append(logging.handlers.WatchedFileHandler(settings.log_file))
     logging.basicConfig(level=settings.log_level, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s [%(process)d] %(message)s")
     # The SDK is chatty at INFO and repeats each failing request: keep its warnings, once a minute.

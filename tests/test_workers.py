@@ -87,3 +87,19 @@ def test_stats_line_reports_rates_lag_and_counters(make_emulator, tmp_path):
     assert int(match.group(3)) == len(logs)
     assert re.fullmatch(r"(\d+:\d+s,?)+", match.group(4))
     assert (match.group(5), match.group(6), match.group(7)) == ("0", "0", "0")
+
+
+def test_log_file_is_reopened_after_logrotate_moved_it(make_emulator, tmp_path):
+    emulator = make_emulator()
+    log_file = tmp_path / "forwarder.log"
+    with SyslogReceiver("tcp") as receiver:
+        env = forwarder_env(emulator, port=receiver.port, SYNC_STATS_INTERVAL="1", SYNC_LOG_FILE=log_file)
+        with ForwarderProcess(env, tmp_path) as forwarder:
+            wait_until(lambda: log_file.exists() and "stats: " in log_file.read_text(), "a stats line in the log file")
+            rotated = log_file.rename(tmp_path / "forwarder.log.1")  # what logrotate does (then "create")
+            wait_until(lambda: log_file.exists() and "stats: " in log_file.read_text(), "a new log file")
+            size = rotated.stat().st_size
+            wait_until(lambda: log_file.read_text().count("stats: ") >= 2, "a second line in the new file")
+            assert rotated.stat().st_size == size  # nothing more went to the moved file
+            assert forwarder.stop() == 0
+    assert "stopped" in log_file.read_text()
