@@ -1523,12 +1523,27 @@ def make_processor_class():
     class WafLogProcessor(ConsumerProcessorBase):
         """One per shard: encode a batch, deliver it, and only then move the checkpoint."""
 
+        RETRY_DELAY = 5  # seconds before a batch that failed unexpectedly is fetched again
+
         def __init__(self, forwarder):
             super().__init__()
             self.forwarder = forwarder
             self._preprocessor = read_pull  # the fetch task hands process() read_pull's LogGroups
+            self.warned = RateLimiter(60)
 
         def process(self, log_groups, tracker):
+            try:
+                return self.forward(log_groups, tracker)
+            except Exception:
+                # The SDK drops a batch whose process() raises, and the next batch's checkpoint
+                # then moves past it. Roll back instead: the batch is fetched and tried again.
+                if self.warned.ready("error"):
+                    log.exception("shard %d: unexpected error with a batch of %d log groups; it is "
+                                  "fetched and tried again, nothing is skipped", self.shard_id, len(log_groups))
+                self.forwarder.stop.wait(self.RETRY_DELAY)
+                return tracker.get_check_point()
+
+        def forward(self, log_groups, tracker):
             forwarder = self.forwarder
             messages, newest, truncated = forwarder.encoder.encode(log_groups)
             log.info("Get data from shard %d, log count: %d", self.shard_id, len(messages))
