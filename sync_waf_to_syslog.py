@@ -913,9 +913,12 @@ def rfc3339_parts(seconds):
 
 
 def rfc3339(seconds, nanoseconds=0):
-    """RFC 3339 / RFC 5424 TIMESTAMP with microseconds (the most RFC 5424 allows) and UTC offset."""
+    """RFC 3339 / RFC 5424 TIMESTAMP with microseconds (the most RFC 5424 allows) and UTC offset.
+    A nanosecond part that is not one (1e9 or more) is left out."""
     clock, offset = rfc3339_parts(seconds)
-    return f"{clock}.{nanoseconds // 1000:06d}{offset}" if nanoseconds else f"{clock}{offset}"
+    if 0 < nanoseconds < 1_000_000_000:
+        return f"{clock}.{nanoseconds // 1000:06d}{offset}"
+    return f"{clock}{offset}"
 
 
 @functools.lru_cache(maxsize=4096)

@@ -133,6 +133,12 @@ def test_nanoseconds_become_microseconds_in_the_timestamp():
     assert re.search(rb"T\d\d:\d\d:\d\d\.987654[+-]\d\d:\d\d ", message)
 
 
+def test_a_nanosecond_part_out_of_range_is_left_out():
+    entry = dict(realistic_logs(1)[0], __time_ns_part__=str(2**32 - 1))
+    message = encode([entry])[0][0]
+    assert RFC5424.match(message) and re.search(rb"T\d\d:\d\d:\d\d[+-]\d\d:\d\d ", message)
+
+
 def test_separator_setting_changes_the_body():
     entry = realistic_logs(1)[0]
     message = encode([entry], SYSLOG_SEP="||")[0][0]
