@@ -124,7 +124,6 @@ import functools
 import json
 import logging
 import logging.handlers
-import operator
 import os
 import random
 import re
