@@ -5,9 +5,11 @@ WHAT IT DOES
   Joins an SLS consumer group on the WAF logstore (aliyun-log-python-sdk), turns every WAF log into
   exactly one syslog message and sends it to your syslog server / SIEM over UDP, TCP, TLS or RELP
   (plain or over TLS). A shard's checkpoint moves only past logs the syslog transport accepted, so a
-  crash, a restart or a syslog outage never loses a log (it can repeat at most the batch that was in
-  flight); with RELP "accepted" is the server's own acknowledgement of every message, so not even
-  a crashing syslog server loses one.
+  crash, a restart or a syslog outage never loses a log (it may repeat some: about the last second).
+  Over TCP and TLS "accepted" is the server's kernel acknowledging the bytes; when a connection breaks
+  other than by a clean close, the last second is sent again, as the server may not have read it.
+  With RELP "accepted" is the server's own acknowledgement of every message, so not even a crashing
+  syslog server loses one.
 
 RUN
   python sync_waf_to_syslog.py              run until SIGTERM / SIGINT (Ctrl-C), then exit 0
@@ -1066,6 +1068,10 @@ class StopRequested(Exception):
     """The program is stopping: abandon the batch in hand (it stays unacknowledged in SLS)."""
 
 
+class ServerClosed(ConnectionError):
+    """The syslog server closed the connection (an EOF, not a reset)."""
+
+
 class UdpTransport:
     """One datagram per message. UDP cannot confirm delivery: a send error is the only signal."""
 
@@ -1094,16 +1100,26 @@ class TcpTransport:
 
     `send` returns only when the peer's TCP stack has acknowledged every byte (the kernel send
     queue is empty), so a batch counts as delivered only once it really reached the receiver's
-    host; a connection closed or reset before that raises, and the caller sends the batch again."""
+    host; a connection closed or reset before that raises, and the caller sends the batch again.
+
+    Acknowledged is not read: a server that resets the connection (e.g. rsyslogd stopping, which
+    stops reading first) or stalls drops what it had not read yet. So when a connection breaks
+    other than by the server closing it after reading everything, what it confirmed in the last
+    RESEND_WINDOW seconds (at most RESEND_LIMIT bytes) goes out again before the next batch: a
+    duplicate at worst."""
 
     POLL = 0.5  # seconds between checks of the stop flag while blocked
     CONNECT_TIMEOUT = 10  # a connect or TLS handshake cannot watch the stop flag: keep it short
+    RESEND_WINDOW = 1.0
+    RESEND_LIMIT = 4 << 20  # about the most a Linux receive buffer holds unread
 
     def __init__(self, settings):
         self.address = (settings.syslog_host, settings.syslog_port)
         self.timeout = settings.syslog_timeout
         self.octet_counting = settings.syslog_framing == "octet-counting"
         self.sock = None
+        self.confirmed = collections.deque()  # (when, bytes) confirmed on this connection, oldest first
+        self.unread = b""  # confirmed on a broken connection, maybe never read: sent first again
 
     def open_socket(self):
         sock = socket.create_connection(self.address, timeout=min(self.timeout, self.CONNECT_TIMEOUT))
@@ -1118,14 +1134,41 @@ class TcpTransport:
         return b"%d %s" % (len(message), message) if self.octet_counting else message + b"\n"
 
     def send(self, messages, stop):
-        if self.peer_closed():
-            raise ConnectionError("the syslog server closed the connection")
-        self.send_all(b"".join(map(self.frame, messages)), stop)
-        self.wait_until_acknowledged(stop)
-        # A receiver that closes while our bytes arrive may drop them although its kernel has
-        # acknowledged them: an EOF or reset seen now leaves the batch unconfirmed, so resend it.
-        if self.peer_closed():
-            raise ConnectionError("the syslog server closed the connection before confirming the batch")
+        data = self.unread + b"".join(map(self.frame, messages))
+        try:
+            self.check_connection("")
+            self.send_all(data, stop)
+            self.wait_until_acknowledged(stop)
+            # A receiver that closes while our bytes arrive may drop them although its kernel has
+            # acknowledged them: an EOF or reset seen now leaves the batch unconfirmed, so resend it.
+            self.check_connection(" before confirming the batch")
+        except ServerClosed:
+            self.confirmed.clear()  # it read everything before it closed
+            raise
+        except OSError:
+            self.unread = b"".join(sent for _, sent in self.confirmed) + self.unread
+            self.confirmed.clear()
+            raise
+        self.unread = b""
+        self.remember(data)
+
+    def remember(self, data):
+        """Keep what was just confirmed, and of the rest only the last RESEND_WINDOW seconds, at
+        most RESEND_LIMIT bytes (whole batches)."""
+        now = time.monotonic()
+        self.confirmed.append((now, data))
+        kept = sum(len(sent) for _, sent in self.confirmed)
+        while len(self.confirmed) > 1 and (now - self.confirmed[0][0] > self.RESEND_WINDOW
+                                           or kept > self.RESEND_LIMIT):
+            kept -= len(self.confirmed.popleft()[1])
+
+    def check_connection(self, when):
+        """Raise if the server has closed (ServerClosed) or reset the connection."""
+        gone = self.peer_gone()
+        if gone == "closed":
+            raise ServerClosed(f"the syslog server closed the connection{when}")
+        if gone == "reset":
+            raise ConnectionResetError(errno.ECONNRESET, f"the syslog server reset the connection{when}")
 
     def send_all(self, data, stop):
         """Write all of data, for as long as the server keeps reading it."""
@@ -1164,15 +1207,18 @@ class TcpTransport:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the syslog server accepted nothing for {self.timeout:g} s")
 
-    def peer_closed(self):
-        """True when the server has closed or reset an idle connection (so we reconnect first)."""
+    def peer_gone(self):
+        """None while the connection is open; "closed" once the server has closed it (an EOF: it
+        read everything first), "reset" once it is broken otherwise."""
         self.sock.setblocking(False)
         try:
-            return self.sock.recv(4096) == b""
+            return "closed" if self.sock.recv(4096) == b"" else None
         except (BlockingIOError, ssl.SSLWantReadError):
-            return False
+            return None
+        except ssl.SSLEOFError:  # TLS: a plain EOF without close_notify
+            return "closed"
         except OSError:
-            return True
+            return "reset"
         finally:
             self.sock.settimeout(self.POLL)
 

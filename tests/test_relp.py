@@ -2,7 +2,7 @@
 
 Against a real rsyslogd with imrelp: every realistic and hostile log arrives parsed, plain and over
 TLS; and the fault test - rsyslogd killed with SIGKILL three times mid-stream and restarted - ends
-with no log lost, where the same run over plain TCP cannot protect what sat in rsyslogd's socket
+with no log lost, where the same run over plain TCP cannot confirm what sat in rsyslogd's socket
 buffer. A small scripted RELP server covers what rsyslogd does not do on demand: refuse a message,
 send `serverclose`, withhold its answers."""
 import json
@@ -465,8 +465,9 @@ def test_relp_loses_nothing_when_rsyslogd_is_killed(make_emulator, tmp_path):
     assert report["lost"] == 0, report
 
 
-def test_tcp_cannot_protect_what_rsyslogd_had_not_read(make_emulator, tmp_path):
-    """The same run over plain TCP, for comparison: it completes, and its loss is printed (TCP's
-    acknowledgement is the receiving kernel's, so what sat unread in rsyslogd's socket buffer at
-    the kill is gone, although the checkpoint moved past it)."""
+def test_tcp_resends_what_rsyslogd_may_not_have_read(make_emulator, tmp_path):
+    """The same run over plain TCP, for comparison: it completes, and its loss and duplicates are
+    printed. TCP's acknowledgement is the receiving kernel's, so what sat unread in rsyslogd's socket
+    buffer at the kill is gone; the forwarder sends the last second again after each reset, which
+    covers it unless more than that sat unread (RELP needs no such bound)."""
     kill_three_times_mid_stream("tcp", make_emulator, tmp_path)
