@@ -20,7 +20,7 @@ RUN
 
 EXIT STATUS
   0  stopped on request, finished a replay (SLS_CURSOR_END), or another instance already runs
-  1  runtime failure (e.g. SLS refused the AccessKey, the consumer thread died)
+  1  runtime failure (e.g. SLS refused the AccessKey, the consumer thread died or got stuck)
   2  bad settings: one line per problem, naming the variable
 
 SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
@@ -1628,7 +1628,12 @@ def make_worker_class():
     from aliyun.log.consumer import ConsumerWorker
 
     class Worker(ConsumerWorker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.last_round = time.monotonic()  # supervise() checks that the loop keeps going round
+
         def clean_shard_consumer(self, owned_shards):
+            self.last_round = time.monotonic()  # called once in every round of ConsumerWorker.run
             super().clean_shard_consumer(owned_shards)
             beat = self.heart_beat
             with beat.lock:  # the heartbeat thread changes both lists under this (re-entrant) lock
@@ -1843,9 +1848,18 @@ def run(settings):
 
 
 def supervise(settings, worker, forwarder, stop):
-    """Wait for a stop signal; watch the SDK's worker thread and print statistics meanwhile."""
+    """Wait for a stop signal; watch the SDK's worker thread and print statistics meanwhile.
+
+    The thread's loop goes round every SLS_FETCH_INTERVAL (the work itself runs in the pool), so a
+    loop that has not gone round for 10 heartbeat intervals is stuck, and its shards, which the
+    heartbeat keeps holding, would be read by nobody."""
     next_stats = time.monotonic() + (settings.stats_interval or float("inf"))
+    stuck_after = 10 * settings.sls_heartbeat_interval
+    last_check = time.monotonic()
     while not stopped(stop, 0.5):
+        now = time.monotonic()
+        # After a pause of the whole process (SIGSTOP, a frozen VM) the worker needs a moment too.
+        paused, last_check = now - last_check > 5, now
         if not worker.is_alive():
             if worker.shut_down_flag and settings.sls_cursor_end:
                 log.info("replay finished: every shard reached SLS_CURSOR_END")
@@ -1853,6 +1867,12 @@ def supervise(settings, worker, forwarder, stop):
             log.error("the SDK consumer thread stopped unexpectedly; exiting so a supervisor "
                       "(systemd, cron, --workers) restarts the forwarder")
             return EXIT_FAILURE
+        if not paused and now - worker.last_round > stuck_after:
+            log.error("the SDK consumer thread is stuck (its loop has not gone round for %.0f s; shards "
+                      "held: %s); exiting so a supervisor (systemd, cron, --workers) restarts the "
+                      "forwarder", now - worker.last_round, list(worker.heart_beat.mheld_shards))
+            logging.shutdown()
+            os._exit(EXIT_FAILURE)  # a stuck thread cannot be joined, and would hold up a normal exit
         if time.monotonic() >= next_stats:
             log.info(forwarder.stats.line())
             next_stats += settings.stats_interval

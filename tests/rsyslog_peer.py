@@ -373,7 +373,7 @@ class Rsyslog:
         return [json.loads(line.decode("utf-8", "surrogateescape")) for line in complete_lines]
 
     def wait_for(
-        self, count: int, timeout: float = 5.0, where: Optional[Callable[[dict], bool]] = None
+        self, count: int, timeout: float = 30.0, where: Optional[Callable[[dict], bool]] = None
     ) -> list[dict]:
         """Poll until at least ``count`` records (those matching ``where``, if given) arrived; return them."""
         deadline = time.monotonic() + timeout
@@ -391,7 +391,7 @@ class Rsyslog:
                 )
             time.sleep(POLL_INTERVAL)
 
-    def wait_for_stderr(self, text: str, timeout: float = 5.0, after: int = 0) -> str:
+    def wait_for_stderr(self, text: str, timeout: float = 30.0, after: int = 0) -> str:
         """Poll until ``text`` appears in stderr past character offset ``after``; return stderr from there.
 
         Take ``after = len(peer.stderr_text())`` before provoking an error to see only the new messages.

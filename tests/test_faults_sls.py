@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.forwarder_process import ForwarderProcess, forwarder_env, run_forwarder
+from tests.forwarder_process import SCRIPT, ForwarderProcess, forwarder_env, run_forwarder
 from tests.sls_emulator import CURSOR_BASE, SHARD_CURSOR_STRIDE
 from tests.syslog_receiver import SyslogReceiver, ids, loss_report
 from tests.waf_logs import realistic_logs, write_jsonl
@@ -454,3 +454,36 @@ def test_cursor_start_end_sends_only_logs_added_after_the_start(make_emulator, r
     assert not received_ids(receiver) & set(trace_ids(history))
     report = account("cursor-start-end", trace_ids(new), receiver)
     assert report["lost"] == 0 and report["duplicates"] == 0 and report["unexpected"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Supervision: the SDK's worker thread alive but stuck
+# ------------------------------------------------------------------------------------------------
+
+def test_a_stuck_consumer_thread_is_detected_and_the_process_exits_1(make_emulator, receiver, tmp_path):
+    logs = fresh_logs(40)
+    emulator = make_emulator(load=[write_jsonl(tmp_path / "waf.jsonl", logs)], shards=2)
+    # Once the logs went out, the worker loop blocks for good in its next round, as a deadlock would.
+    stick = tmp_path / "stick"
+    stuck_worker = (
+        "import os, sys, threading; sys.path.insert(0, sys.argv.pop(1)); stick = sys.argv.pop(1)\n"
+        "import sync_waf_to_syslog as fwd\n"
+        "make_worker_class = fwd.make_worker_class\n"
+        "def stuck_worker_class():\n"
+        "    class Stuck(make_worker_class()):\n"
+        "        def clean_shard_consumer(self, owned_shards):\n"
+        "            if os.path.exists(stick):\n"
+        "                threading.Event().wait()\n"
+        "            super().clean_shard_consumer(owned_shards)\n"
+        "    return Stuck\n"
+        "fwd.make_worker_class = stuck_worker_class\n"
+        "sys.exit(fwd.main())\n")
+    env = forwarder_env(emulator, port=receiver.port, protocol=receiver.protocol)  # heartbeat 1 s
+    command = ["-c", stuck_worker, str(SCRIPT.parent), str(stick)]
+    with ForwarderProcess(env, tmp_path, python_args=command) as fwd:
+        wait_delivered(receiver, trace_ids(logs), [fwd])
+        stick.touch()
+        status = fwd.process.wait(60)  # 10 heartbeat intervals after the loop stopped, and no hang
+    assert status == 1, fwd.stderr()[-2000:]
+    assert "the SDK consumer thread is stuck" in fwd.stderr()
+    assert account("stuck-worker", trace_ids(logs), receiver)["lost"] == 0
