@@ -679,16 +679,25 @@ _CONTROL_BYTES = bytes(c for c in _CONTROL_ESCAPES if c not in (0, 92))  # NUL j
 
 
 @functools.lru_cache(maxsize=1024)
-def kv_template(keys, separator):
-    """b"key1=%s<separator>key2=%s..." for a tuple of raw keys. Logs differ in which fields they
-    have (a module that did not act leaves its fields out), so a logstore has many, from few keys."""
-    return separator.replace("%", "%%").encode().join(kv_template_part(key, separator) for key in keys)
+def kv_plan(keys, separator, sent_name):
+    """(template, positions) for a tuple of raw keys: the template b"key1=%s<separator>key2=%s..."
+    of the fields sent (sent_name: field selection, see field_selector; None sends all, as they
+    are), and the positions of their values (None: all). Logs differ in which fields they have (a
+    module that did not act leaves its fields out), so a logstore has many, from few keys."""
+    names = list(map(text_of, keys))
+    positions = None
+    if sent_name is not None:
+        sent = [(position, sent_name(name)) for position, name in enumerate(names)]
+        positions = tuple(position for position, name in sent if name is not None)
+        names = [name for _, name in sent if name is not None]
+    template = separator.replace("%", "%%").encode().join(kv_template_part(name, separator) for name in names)
+    return template, positions
 
 
 @functools.lru_cache(maxsize=4096)
-def kv_template_part(key, separator):
-    """b"key=%s" for one raw key, escaped."""
-    return (kv_escapers(separator)[0](text_of(key)).replace("%", "%%") + "=%s").encode()
+def kv_template_part(name, separator):
+    """b"key=%s" for one field name, escaped."""
+    return (kv_escapers(separator)[0](name).replace("%", "%%") + "=%s").encode()
 
 
 @functools.lru_cache(maxsize=8)
@@ -707,17 +716,19 @@ def joined_values_escaper(separator):
     return escape
 
 
-def kv_body(contents, separator):
-    """encode_kv(log_fields(log), separator).encode() for a log's Contents, or None if a value
-    holds NUL itself (rare): the joined values could then not be split apart again."""
+def kv_body(contents, separator, sent_name=None):
+    """encode_kv(select_fields(log_fields(log), sent_name), separator).encode() for a log's
+    Contents, or None if a value holds NUL itself (rare): the joined values could then not be
+    split apart again."""
     values = contents.Value
     if not values:
         return b""
     joined = b"\x00".join(values)
     if joined.count(b"\x00") != len(values) - 1:
         return None
-    escaped = joined_values_escaper(separator)(joined)
-    return kv_template(tuple(contents.Key), separator) % tuple(escaped.split(b"\x00"))
+    template, positions = kv_plan(tuple(contents.Key), separator, sent_name)
+    escaped = joined_values_escaper(separator)(joined).split(b"\x00")
+    return template % (tuple(escaped) if positions is None else tuple(map(escaped.__getitem__, positions)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -731,21 +742,24 @@ def is_sent(name, include, exclude):
 
 
 def field_selector(include, exclude, rename):
-    """A function (fields -> the fields sent, under the names they are sent as). Patterns match
-    the SLS names; renaming comes after. The decision per name is cached: names repeat in every log."""
+    """sent_name(name) -> the name a field is sent under, or None if it is not sent; or None when
+    every field is sent as it is. Patterns match the SLS names; renaming comes after. The decision
+    per name is cached: names repeat in every log."""
     if not (include or exclude or rename):
-        return lambda fields: fields
+        return None
     new_names = dict(rename)
 
     @functools.lru_cache(maxsize=4096)
     def sent_name(name):
         return new_names.get(name, name) if is_sent(name, include, exclude) else None
 
-    return functools.partial(select_fields, sent_name=sent_name)
+    return sent_name
 
 
 def select_fields(fields, sent_name):
-    """The fields whose sent_name is not None, renamed to it, in their order."""
+    """The fields whose sent_name is not None, renamed to it, in their order (all, if sent_name is None)."""
+    if sent_name is None:
+        return fields
     return [(name, value) for name, value in ((sent_name(k), v) for k, v in fields) if name is not None]
 
 
@@ -984,10 +998,9 @@ class MessageEncoder:
         self.settings = settings
         self.pri = settings.syslog_facility * 8 + settings.syslog_severity
         self.procid = str(procid or os.getpid())
-        self.select = field_selector(settings.syslog_fields_include, settings.syslog_fields_exclude,
-                                     settings.syslog_fields_rename)
-        self.selects_fields = bool(settings.syslog_fields_include or settings.syslog_fields_exclude
-                                   or settings.syslog_fields_rename)
+        self.sent_name = field_selector(settings.syslog_fields_include, settings.syslog_fields_exclude,
+                                        settings.syslog_fields_rename)
+        self.select = functools.partial(select_fields, sent_name=self.sent_name)
 
     def header(self, seconds, nanoseconds):
         s = self.settings
@@ -1015,17 +1028,18 @@ class MessageEncoder:
             fields = shared + log_fields(log)
             return self.body_encoder(fields)(self.select(fields)).encode()
 
-        if self.settings.syslog_encoding != "kv" or self.selects_fields:
+        if self.settings.syslog_encoding != "kv":
             return encode_whole_body
         # key=value bodies concatenate, so the shared part is encoded once per group, not per log.
         separator = self.settings.syslog_separator
-        shared_body, glue = encode_kv(shared, separator).encode(), separator.encode()
+        shared_body = encode_kv(self.select(shared), separator).encode()
+        prefix = shared_body + separator.encode() if shared_body else b""
 
         def encode_body(log):
-            body = kv_body(log.Contents, separator)
+            body = kv_body(log.Contents, separator, self.sent_name)
             if body is None:
                 return encode_whole_body(log)
-            return shared_body + glue + body if body else shared_body
+            return prefix + body if body else shared_body
 
         return encode_body
 
