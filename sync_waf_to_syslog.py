@@ -1089,6 +1089,8 @@ class ServerClosed(ConnectionError):
 class UdpTransport:
     """One datagram per message. UDP cannot confirm delivery: a send error is the only signal."""
 
+    unread_messages = 0  # nothing to send again first (see TcpTransport)
+
     def __init__(self, settings):
         self.address = (settings.syslog_host, settings.syslog_port)
         self.sock = None
@@ -1132,8 +1134,9 @@ class TcpTransport:
         self.timeout = settings.syslog_timeout
         self.octet_counting = settings.syslog_framing == "octet-counting"
         self.sock = None
-        self.confirmed = collections.deque()  # (when, bytes) confirmed on this connection, oldest first
-        self.unread = b""  # confirmed on a broken connection, maybe never read: sent first again
+        self.confirmed = collections.deque()  # (when, bytes, messages) confirmed on this connection
+        self.unread, self.unread_messages = b"", 0  # confirmed on a broken connection, maybe never
+                                                    # read: sent again first
 
     def open_socket(self):
         sock = socket.create_connection(self.address, timeout=min(self.timeout, self.CONNECT_TIMEOUT))
@@ -1160,18 +1163,19 @@ class TcpTransport:
             self.confirmed.clear()  # it read everything before it closed
             raise
         except OSError:
-            self.unread = b"".join(sent for _, sent in self.confirmed) + self.unread
+            self.unread = b"".join(sent for _, sent, _ in self.confirmed) + self.unread
+            self.unread_messages += sum(count for _, _, count in self.confirmed)
             self.confirmed.clear()
             raise
-        self.unread = b""
-        self.remember(data)
+        self.remember(data, len(messages) + self.unread_messages)
+        self.unread, self.unread_messages = b"", 0
 
-    def remember(self, data):
+    def remember(self, data, messages):
         """Keep what was just confirmed, and of the rest only the last RESEND_WINDOW seconds, at
         most RESEND_LIMIT bytes (whole batches)."""
         now = time.monotonic()
-        self.confirmed.append((now, data))
-        kept = sum(len(sent) for _, sent in self.confirmed)
+        self.confirmed.append((now, data, messages))
+        kept = sum(len(sent) for _, sent, _ in self.confirmed)
         while len(self.confirmed) > 1 and (now - self.confirmed[0][0] > self.RESEND_WINDOW
                                            or kept > self.RESEND_LIMIT):
             kept -= len(self.confirmed.popleft()[1])
@@ -1502,9 +1506,13 @@ class Delivery:
                     if not self.connected:
                         self.transport.connect(self.stop)
                         self.connected = True
+                    # Counted as sent again: this batch after a failure, and what TcpTransport
+                    # sends again first because a broken connection may have left it unread.
+                    repeated = (len(messages) if failures else 0) + self.transport.unread_messages
+                    if repeated:
+                        self.stats.add(resent=repeated)
                     self.transport.send(messages, self.stop)
                     if failures:
-                        self.stats.add(resent=len(messages))
                         log.info("syslog server %s:%d accepted the batch again after %d failed "
                                  "attempts in %.0f s", s.syslog_host, s.syslog_port, failures,
                                  time.monotonic() - since)
