@@ -1646,7 +1646,8 @@ def make_worker_class():
     group gave this consumer until that shard's consumer has shut down. A shard given and taken back
     between two rounds of the worker (a heartbeat interval not much longer than the fetch interval)
     never got a shard consumer, so it stayed listed for ever and the group never handed it to the
-    consumer it now belongs to: nobody read it. Here such shards leave the heartbeat."""
+    consumer it now belongs to: nobody read it. Here such shards leave the heartbeat. It also notes
+    when its loop last went round (`last_round`), so supervise() sees a stuck loop."""
     from aliyun.log.consumer import ConsumerWorker
 
     class Worker(ConsumerWorker):
@@ -1895,7 +1896,7 @@ def supervise(settings, worker, forwarder, stop):
                       "forwarder", now - worker.last_round, list(worker.heart_beat.mheld_shards))
             logging.shutdown()
             os._exit(EXIT_FAILURE)  # a stuck thread cannot be joined, and would hold up a normal exit
-        if time.monotonic() >= next_stats:
+        if now >= next_stats:
             log.info(forwarder.stats.line())
             next_stats += settings.stats_interval
     return EXIT_OK

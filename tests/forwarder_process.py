@@ -94,6 +94,13 @@ class ForwarderProcess:
         raise AssertionError(f"{text!r} not in the forwarder's log:\n{self.stderr()[-3000:]}")
 
 
+def patched(code):
+    """python_args for ForwarderProcess that import the forwarder as the module `fwd`, run `code`
+    (which changes the interpreter or `fwd`, e.g. to inject a fault), then the forwarder's main()."""
+    return ["-c", f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import sync_waf_to_syslog as fwd\n"
+                  f"{code}\nsys.exit(fwd.main())\n"]
+
+
 def run_forwarder(env, workdir, args=(), timeout=60):
     """Run to completion: (exit status, stdout, stderr)."""
     fwd = ForwarderProcess(env, workdir, args).start()

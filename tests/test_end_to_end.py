@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.forwarder_process import ForwarderProcess, SCRIPT, forwarder_env, run_forwarder
+from tests.forwarder_process import ForwarderProcess, SCRIPT, forwarder_env, patched, run_forwarder
 from tests.kv import parse_kv
 from tests.waf_logs import expected_fields, realistic_logs, write_jsonl
 
@@ -75,9 +75,8 @@ def test_every_log_arrives_parsed_over_each_protocol(variant, rsyslog, pki, waf_
         settings.update(SYSLOG_CLIENT_CERT=pki.client_cert, SYSLOG_CLIENT_KEY=pki.client_key)
     env = forwarder_env(emulator, port=rsyslog.ports[inputs], protocol=protocol, **settings)
     # TLS must work where ssl.wrap_socket no longer exists (Python 3.12+): remove it here.
-    command = ["-c", "import ssl, runpy, sys; ssl.__dict__.pop('wrap_socket', None); "
-               f"sys.argv = [{str(SCRIPT)!r}] + sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"]
-    with ForwarderProcess(env, tmp_path, python_args=command) as forwarder:
+    without_wrap_socket = patched("import ssl; ssl.__dict__.pop('wrap_socket', None)")
+    with ForwarderProcess(env, tmp_path, python_args=without_wrap_socket) as forwarder:
         wait_for_records(rsyslog, tag, len(logs))
         assert forwarder.stop() == 0, forwarder.stderr()[-2000:]
     assert "*** start to consume data..." in forwarder.stderr()

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.forwarder_process import SCRIPT, ForwarderProcess, forwarder_env, run_forwarder
+from tests.forwarder_process import ForwarderProcess, forwarder_env, patched, run_forwarder
 from tests.sls_emulator import CURSOR_BASE, SHARD_CURSOR_STRIDE
 from tests.syslog_receiver import SyslogReceiver, ids, loss_report
 from tests.waf_logs import realistic_logs, write_jsonl
@@ -465,9 +465,8 @@ def test_a_stuck_consumer_thread_is_detected_and_the_process_exits_1(make_emulat
     emulator = make_emulator(load=[write_jsonl(tmp_path / "waf.jsonl", logs)], shards=2)
     # Once the logs went out, the worker loop blocks for good in its next round, as a deadlock would.
     stick = tmp_path / "stick"
-    stuck_worker = (
-        "import os, sys, threading; sys.path.insert(0, sys.argv.pop(1)); stick = sys.argv.pop(1)\n"
-        "import sync_waf_to_syslog as fwd\n"
+    stuck_worker = patched(
+        f"import os, threading\nstick = {str(stick)!r}\n"
         "make_worker_class = fwd.make_worker_class\n"
         "def stuck_worker_class():\n"
         "    class Stuck(make_worker_class()):\n"
@@ -476,11 +475,9 @@ def test_a_stuck_consumer_thread_is_detected_and_the_process_exits_1(make_emulat
         "                threading.Event().wait()\n"
         "            super().clean_shard_consumer(owned_shards)\n"
         "    return Stuck\n"
-        "fwd.make_worker_class = stuck_worker_class\n"
-        "sys.exit(fwd.main())\n")
+        "fwd.make_worker_class = stuck_worker_class")
     env = forwarder_env(emulator, port=receiver.port, protocol=receiver.protocol)  # heartbeat 1 s
-    command = ["-c", stuck_worker, str(SCRIPT.parent), str(stick)]
-    with ForwarderProcess(env, tmp_path, python_args=command) as fwd:
+    with ForwarderProcess(env, tmp_path, python_args=stuck_worker) as fwd:
         wait_delivered(receiver, trace_ids(logs), [fwd])
         stick.touch()
         status = fwd.process.wait(60)  # 10 heartbeat intervals after the loop stopped, and no hang

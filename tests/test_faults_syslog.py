@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.forwarder_process import SCRIPT, ForwarderProcess, forwarder_env
+from tests.forwarder_process import ForwarderProcess, forwarder_env, patched
 from tests.rsyslog_peer import Rsyslog
 from tests.syslog_receiver import SyslogReceiver, loss_report
 from tests.test_end_to_end import group_state
@@ -269,19 +269,16 @@ def test_unexpected_error_in_a_batch_rolls_it_back_nothing_lost(make_emulator, t
     """The SDK drops a batch whose process() raises; the forwarder must fetch it again instead. Here
     the encoder fails on its first 5 batches (as a bug with some rare log would)."""
     emulator, sent_ids = loaded_emulator(make_emulator, tmp_path, count=400)
-    failing_encoder = (
-        "import sys; sys.path.insert(0, sys.argv.pop(1)); import sync_waf_to_syslog as fwd\n"
+    failing_encoder = patched(
         "encode, failures = fwd.MessageEncoder.encode, iter(range(5))\n"
         "def flaky(self, groups):\n"
         "    if next(failures, None) is not None:\n"
         "        raise RuntimeError('injected encoder failure')\n"
         "    return encode(self, groups)\n"
-        "fwd.MessageEncoder.encode = flaky\n"
-        "sys.exit(fwd.main())\n")
+        "fwd.MessageEncoder.encode = flaky")
     with SyslogReceiver("tcp") as receiver:
         env = receiver_env(emulator, receiver)
-        command = ["-c", failing_encoder, str(SCRIPT.parent)]
-        with ForwarderProcess(env, tmp_path, python_args=command) as forwarder:
+        with ForwarderProcess(env, tmp_path, python_args=failing_encoder) as forwarder:
             messages = wait_until_delivered(lambda: receiver.messages, sent_ids)
             wait_until(lambda: checkpoints_at_end(emulator), "checkpoints at the end")
             stop_cleanly(forwarder)
