@@ -20,8 +20,20 @@ RUN
 
 EXIT STATUS
   0  stopped on request, finished a replay (SLS_CURSOR_END), or another instance already runs
-  1  runtime failure (e.g. SLS refused the AccessKey, the consumer thread died or got stuck)
+  1  runtime failure (e.g. SLS refused the AccessKey, the consumer thread died or got stuck, or the
+     SDK is missing or lacks an internal this file relies on: see SDK_TESTED_VERSION)
   2  bad settings: one line per problem, naming the variable
+
+CHANGING WHAT IS SENT
+  Edit the section "EDIT HERE" below the settings: STATIC_FIELDS (fields added to every message),
+  customize(fields) (rename, add or drop fields, or drop a whole class of logs) and the CEF, LEEF and
+  severity tables. Every encoding and every path (the fast key=value path, messages cut to
+  SYSLOG_MAX_MESSAGE_SIZE, --dry-run) follows them. README.md ("Changing the messages") has worked
+  examples and the quick test command that checks an edit in seconds.
+
+SETTINGS
+  Each variable is the Settings field of the same name in lower case: SYSLOG_SEP is
+  settings.syslog_sep, so searching this file for a variable's name in either case finds its uses.
 
 SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
   SLS_ENDPOINT            SLS endpoint, e.g. cn-hangzhou-intranet.log.aliyuncs.com        (required)
@@ -66,6 +78,8 @@ SETTINGS: syslog
   SYSLOG_FIELDS_EXCLUDE   do not send the fields matching these patterns, e.g. wxbb_*,upstream_*
   SYSLOG_FIELDS_RENAME    send fields under other names: old:new,... (split at the last colon);
                           the patterns above match the old names
+  SYSLOG_STATIC_FIELDS    fields added to every message after STATIC_FIELDS, whatever is selected:
+                          name=value,... e.g. env=prod,dc=hz (split at the first =)
   SYSLOG_FACILITY         facility name (kern, user, ..., local0..local7) or number     default user
   SYSLOG_SEVERITY         severity name (emerg ... debug) or number                    default info
   SYSLOG_HOSTNAME         HOSTNAME field of every message                     default this host
@@ -96,9 +110,10 @@ SETTINGS: this program
 MESSAGE
   One message per log. RFC 5424: <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID - - MSG, where TIMESTAMP is
   the log's own time (__time__ and its nanosecond part) in local time with its UTC offset.
-  RFC 3164: <PRI>Mmm dd hh:mm:ss HOSTNAME TAG: MSG. MSG holds __topic__, __source__, every __tag__:*,
-  then the WAF fields in their original order (as selected by SYSLOG_FIELDS_*); invalid UTF-8 becomes
-  U+FFFD. By SYSLOG_ENCODING:
+  RFC 3164: <PRI>Mmm dd hh:mm:ss HOSTNAME TAG: MSG. MSG holds STATIC_FIELDS and SYSLOG_STATIC_FIELDS,
+  then __topic__, __source__, every __tag__:* and the WAF fields in their original order (as
+  customize() returns them and SYSLOG_FIELDS_* select them); invalid UTF-8 becomes U+FFFD.
+  By SYSLOG_ENCODING:
   kv    key=value pairs joined by SYSLOG_SEP. Escaping in keys and values: \\ -> \\\\, LF -> \\n,
         CR -> \\r, the separator -> \\ + separator, other control characters except TAB -> \\xHH, and
         = in keys -> \\=. (With a multi-character separator, a value that ends in the separator's
@@ -114,11 +129,14 @@ MESSAGE
         control characters become \\n, \\r, \\t or \\xHH text, in header fields | becomes \\x7c.
   cef and leef leave out empty values; their event id, name and severity say what WAF did (blocked
   8, challenged 5-6, monitored 5, nothing 2: EVENT_SEVERITY), from all fields, whatever is selected.
-  The mapping tables are under "SIEM mappings" in this file, ready to edit; README.md has examples.
+  The mapping tables are in "EDIT HERE"; README.md has examples.
 """
 import argparse
+import base64
 import collections
+import ctypes
 import dataclasses
+import datetime
 import errno
 import fcntl
 import fnmatch
@@ -140,6 +158,25 @@ import tempfile
 import threading
 import time
 
+# The one place the SDK (and protobuf, which comes with it) is imported. Without it the encoders
+# still work (and the quick tests run); main() says in one line that it is missing. The SDK is
+# pinned in requirements.txt: its internals this file uses are listed in sdk_internals().
+try:
+    from aliyun.log import LogClient, LogException
+    from aliyun.log.consumer import ConsumerProcessorBase, ConsumerWorker, CursorPosition, LogHubConfig
+    from aliyun.log.consumer.checkpoint_tracker import ConsumerCheckpointTracker
+    from aliyun.log.consumer.consumer_client import ConsumerClient
+    from aliyun.log.consumer.exceptions import ClientWorkerException
+    from aliyun.log.consumer.heart_beat import ConsumerHeatBeat
+    from aliyun.log.consumer.shard_worker import ShardConsumerWorker
+    from aliyun.log.pulllog_response import PullLogResponse
+    from aliyun.log.version import __version__ as SDK_VERSION
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    SDK_IMPORT_ERROR = None
+except ImportError as _error:
+    SDK_IMPORT_ERROR = _error
+    ConsumerProcessorBase = ConsumerWorker = ConsumerClient = object  # so the classes below define
+
 log = logging.getLogger("sync_waf_to_syslog")
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_SETTINGS = 0, 1, 2
@@ -147,7 +184,54 @@ UDP_MAX_PAYLOAD = 65507  # IPv4: 65535 - 8 (UDP header) - 20 (IP header)
 
 
 # ================================================================================================
-# Settings
+# Utilities
+# ================================================================================================
+
+class RateLimiter:
+    """Says yes to a given key at most once per interval: one log line per condition, not per request."""
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.last = {}
+
+    def ready(self, key):
+        now = time.monotonic()
+        if now - self.last.get(key, -self.interval) >= self.interval:
+            self.last[key] = now
+            return True
+        return False
+
+
+def describe_error(exc):
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def parse_time(text):
+    """Unix seconds from an ISO-8601 time (naive = local time) or from digits; None if neither."""
+    if text.isascii() and text.isdigit():
+        return int(text)
+    try:
+        value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        return int(value.timestamp())
+    except (ValueError, OverflowError, OSError):  # not a time, or one the platform cannot convert
+        return None
+
+
+def safe_file_name(text):
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
+def utf8_boundary(data, end):
+    """The largest index <= end that does not split a UTF-8 character of data."""
+    if end >= len(data):
+        return len(data)
+    while end > 0 and (data[end] & 0xC0) == 0x80:
+        end -= 1
+    return end
+
+
+# ================================================================================================
+# Settings: read once from the environment, validated here
 # ================================================================================================
 
 FACILITIES = {
@@ -179,13 +263,14 @@ class SettingsError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """Every setting, named as its variable in lower case (SYSLOG_SEP -> syslog_sep)."""
     sls_endpoint: str
-    sls_access_key_id: str
-    sls_access_key_secret: str = dataclasses.field(repr=False)
+    sls_ak_id: str
+    sls_ak_key: str = dataclasses.field(repr=False)
     sls_sts_token: str = dataclasses.field(repr=False)
     sls_project: str
     sls_logstore: str
-    sls_consumer_group: str
+    sls_cg: str
     sls_consumer_name: str
     sls_cursor_start: str          # "begin", "end" or unix seconds as a string
     sls_cursor_end: str            # "" (run forever) or unix seconds as a string
@@ -200,11 +285,12 @@ class Settings:
     syslog_format: str
     syslog_framing: str
     syslog_encoding: str           # kv | json | cef | leef
-    syslog_separator: str
+    syslog_sep: str
     syslog_leef_delimiter: str     # one character
     syslog_fields_include: tuple   # shell-style patterns; empty = every field
     syslog_fields_exclude: tuple   # shell-style patterns
     syslog_fields_rename: tuple    # (old name, new name) pairs
+    syslog_static_fields: tuple    # (name, value) pairs added to every message
     syslog_facility: int
     syslog_severity: int
     syslog_hostname: str
@@ -213,19 +299,41 @@ class Settings:
     syslog_timeout: float
     syslog_retry_max_delay: float
     syslog_relp_window: int
-    syslog_ca_file: str
+    syslog_cert_path: str          # CA bundle for the server certificate; "" = the system's
     syslog_client_cert: str
     syslog_client_key: str
-    log_level: str
-    log_file: str
-    lock_file: str
-    stats_interval: float
-    workers: object                # a count, or "auto" = min(CPU cores, shards)
+    sync_log_level: str
+    sync_log_file: str
+    sync_lock_file: str
+    sync_stats_interval: float
+    sync_workers: object           # a count, or "auto" = min(CPU cores, shards)
 
     @classmethod
     def from_environment(cls, env):
         """Build and validate the settings from a mapping of variables; raise SettingsError."""
         return _SettingsReader(env).read()
+
+
+def is_sent(name, include, exclude):
+    """Does a field pass the include and exclude patterns (shell-style, case-sensitive)?"""
+    return ((not include or any(fnmatch.fnmatchcase(name, pattern) for pattern in include))
+            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude))
+
+
+def tls_context(settings):
+    """Certificate and host-name verification on, TLS 1.2 or newer, optional client certificate.
+    Built while the settings are read too, so a bad file is a settings error, not a retry loop."""
+    context = ssl.create_default_context(cafile=settings.syslog_cert_path or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.syslog_client_cert:
+        context.load_cert_chain(settings.syslog_client_cert, settings.syslog_client_key)
+    return context
+
+
+def default_hostname():
+    """This host's name, reduced to what an RFC 5424 HOSTNAME may contain."""
+    name = "".join(c if c in PRINTABLE_ASCII else "-" for c in socket.gethostname())[:255]
+    return name or "-"
 
 
 class _SettingsReader:
@@ -314,6 +422,17 @@ class _SettingsReader:
             return "\t"
         return delimiter
 
+    def static_fields(self, name):
+        """name=value,... (split at the first =) as (name, value) pairs."""
+        fields = []
+        for item in self.name_list(name):
+            field_name, equals, value = item.partition("=")
+            if not equals or not field_name.strip():
+                self.problems.append(f"{name}: {item!r} is not name=value")
+            else:
+                fields.append((field_name.strip(), value.strip()))
+        return tuple(fields)
+
     def field_selection(self):
         """(include, exclude, rename) from SYSLOG_FIELDS_*; contradictions are problems."""
         include = self.name_list("SYSLOG_FIELDS_INCLUDE")
@@ -342,7 +461,7 @@ class _SettingsReader:
         return include, exclude, tuple(rename)
 
     def read(self):
-        consumer_group = self.text("SLS_CG", "WAF-SLS")
+        sls_cg = self.text("SLS_CG", "WAF-SLS")
         protocol = self.choice("SYSLOG_PROTOCOL", "tcp", set(DEFAULT_PORTS))
         syslog_format = self.choice("SYSLOG_FORMAT", "rfc5424", {"rfc5424", "rfc3164"})
         separator = self.env.get("SYSLOG_SEP", ",")  # not stripped: " " and TAB are separators
@@ -357,7 +476,7 @@ class _SettingsReader:
             missing = "SYSLOG_CLIENT_KEY" if client_cert else "SYSLOG_CLIENT_CERT"
             self.problems.append(f"{missing}: required for mutual TLS together with "
                                  f"{'SYSLOG_CLIENT_CERT' if client_cert else 'SYSLOG_CLIENT_KEY'}")
-        consumer_name = self.text("SLS_CONSUMER_NAME", f"{consumer_group}-{socket.gethostname()}")
+        consumer_name = self.text("SLS_CONSUMER_NAME", f"{sls_cg}-{socket.gethostname()}")
         lock_file = self.text("SYNC_LOCK_FILE", os.path.join(
             tempfile.gettempdir(), f"sync_waf_to_syslog-{safe_file_name(consumer_name)}.lock"))
         workers = self.text("SYNC_WORKERS", "1").lower()
@@ -366,12 +485,12 @@ class _SettingsReader:
         include, exclude, rename = self.field_selection()
         settings = Settings(
             sls_endpoint=self.required("SLS_ENDPOINT"),
-            sls_access_key_id=self.required("SLS_AK_ID"),
-            sls_access_key_secret=self.required("SLS_AK_KEY"),
+            sls_ak_id=self.required("SLS_AK_ID"),
+            sls_ak_key=self.required("SLS_AK_KEY"),
             sls_sts_token=self.text("SLS_STS_TOKEN"),
             sls_project=self.required("SLS_PROJECT"),
             sls_logstore=self.required("SLS_LOGSTORE"),
-            sls_consumer_group=consumer_group,
+            sls_cg=sls_cg,
             sls_consumer_name=consumer_name,
             sls_cursor_start=self.timestamp("SLS_CURSOR_START", "begin", ("begin", "end")),
             sls_cursor_end=self.timestamp("SLS_CURSOR_END", "", ("end",)),
@@ -386,11 +505,12 @@ class _SettingsReader:
             syslog_format=syslog_format,
             syslog_framing=self.choice("SYSLOG_FRAMING", "octet-counting", {"octet-counting", "lf"}),
             syslog_encoding=self.choice("SYSLOG_ENCODING", "kv", set(ENCODINGS)),
-            syslog_separator=separator,
+            syslog_sep=separator,
             syslog_leef_delimiter=self.leef_delimiter("SYSLOG_LEEF_DELIMITER"),
             syslog_fields_include=include,
             syslog_fields_exclude=exclude,
             syslog_fields_rename=rename,
+            syslog_static_fields=self.static_fields("SYSLOG_STATIC_FIELDS"),
             syslog_facility=self.code("SYSLOG_FACILITY", "user", FACILITIES, 23),
             syslog_severity=self.code("SYSLOG_SEVERITY", "info", SEVERITIES, 7),
             syslog_hostname=self.header_field("SYSLOG_HOSTNAME", default_hostname(), 255),
@@ -400,14 +520,14 @@ class _SettingsReader:
             syslog_timeout=self.number("SYSLOG_TIMEOUT", 120.0, 1, 86400, float),
             syslog_retry_max_delay=self.number("SYSLOG_RETRY_MAX_DELAY", 30.0, 0.1, 3600, float),
             syslog_relp_window=self.number("SYSLOG_RELP_WINDOW", 128, 1, 100000),
-            syslog_ca_file=self.readable_file("SYSLOG_CERT_PATH"),
+            syslog_cert_path=self.readable_file("SYSLOG_CERT_PATH"),
             syslog_client_cert=client_cert,
             syslog_client_key=client_key,
-            log_level=self.choice("SYNC_LOG_LEVEL", "info", {"debug", "info", "warning", "error"}).upper(),
-            log_file=self.text("SYNC_LOG_FILE"),
-            lock_file=lock_file,
-            stats_interval=self.number("SYNC_STATS_INTERVAL", 60.0, 0, 86400, float),
-            workers=workers,
+            sync_log_level=self.choice("SYNC_LOG_LEVEL", "info", {"debug", "info", "warning", "error"}).upper(),
+            sync_log_file=self.text("SYNC_LOG_FILE"),
+            sync_lock_file=lock_file,
+            sync_stats_interval=self.number("SYNC_STATS_INTERVAL", 60.0, 0, 86400, float),
+            sync_workers=workers,
         )
         if protocol in TLS_PROTOCOLS and not self.problems:
             self.check_tls_files(settings)
@@ -416,35 +536,12 @@ class _SettingsReader:
         return settings
 
     def check_tls_files(self, settings):
-        """Load the CA and client certificate now, so a bad file is a settings error, not a retry loop."""
         try:
             tls_context(settings)
         except (ssl.SSLError, OSError) as exc:
             names = "SYSLOG_CERT_PATH" if not settings.syslog_client_cert else \
                 "SYSLOG_CERT_PATH / SYSLOG_CLIENT_CERT / SYSLOG_CLIENT_KEY"
             self.problems.append(f"{names}: cannot load the TLS files: {exc}")
-
-
-def parse_time(text):
-    """Unix seconds from an ISO-8601 time (naive = local time) or from digits; None if neither."""
-    if text.isascii() and text.isdigit():
-        return int(text)
-    try:
-        import datetime
-        value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-        return int(value.timestamp())
-    except (ValueError, OverflowError, OSError):  # not a time, or one the platform cannot convert
-        return None
-
-
-def default_hostname():
-    """This host's name, reduced to what an RFC 5424 HOSTNAME may contain."""
-    name = "".join(c if c in PRINTABLE_ASCII else "-" for c in socket.gethostname())[:255]
-    return name or "-"
-
-
-def safe_file_name(text):
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
 def load_env_file(path, environ):
@@ -463,17 +560,47 @@ def load_env_file(path, environ):
 
 
 # ================================================================================================
-# Encoders: pure functions from a WAF log to the bytes of one syslog message
+# EDIT HERE: what every message carries
 # ================================================================================================
+# The one place to change the messages without reading the rest of this file. Every encoding (kv,
+# json, cef, leef) and every path (the fast key=value path, messages cut to SYSLOG_MAX_MESSAGE_SIZE,
+# --dry-run) follows what is here. After an edit, run the quick tests (README.md, "Tests"):
+#     python -m pytest -q -m "not slow and not rsyslog" tests
 
-# ------------------------------------------------------------------------------------------------
-# SIEM mappings for SYSLOG_ENCODING=cef and leef: edit these tables to change what goes where.
-# They are looked up with the names fields are sent under (after SYSLOG_FIELDS_RENAME). A field not
-# listed keeps a custom key (cef_key, leef_key); a field with an empty value is left out.
-# ------------------------------------------------------------------------------------------------
+# Fields added to every message, first, whatever SYSLOG_FIELDS_* select; SYSLOG_STATIC_FIELDS adds
+# more after these. Example: STATIC_FIELDS = [("env", "prod"), ("dc", "hz")]
+STATIC_FIELDS = []
+
+
+def customize(fields):
+    """Called for every log with its fields, a list of (name, value) text pairs in this order:
+    __topic__, __source__, every __tag__:*, then the WAF fields. Return the fields to send (this
+    list, changed, or a new one), or None to drop the log: a dropped log counts as filtered and
+    its checkpoint moves on like a sent one's. SYSLOG_FIELDS_* then select from what this returns,
+    and cef and leef take the WAF's decision for their header from it.
+
+    As it stands (`return fields`) key=value messages take the fast path; any edit here sends every
+    log through the per-field path: the kv encoder then runs about 2.5x slower (README.md,
+    "Changing the messages").
+
+    Examples, to combine as needed:
+        # rename a field
+        fields = [("client_ip" if name == "real_client_ip" else name, value) for name, value in fields]
+        # add a field computed from others
+        values = dict(fields)
+        fields.append(("url", values.get("host", "") + values.get("request_uri", "")))
+        # drop a class of logs: health checks
+        if dict(fields).get("request_uri", "").startswith("/healthz"):
+            return None
+    """
+    return fields
+
+
+# SIEM mappings for SYSLOG_ENCODING=cef and leef: which WAF field goes under which key. They are
+# looked up with the names fields are sent under (after customize() and SYSLOG_FIELDS_RENAME). A
+# field not listed keeps a custom key (cef_key, leef_key); a field with an empty value is left out.
 
 DEVICE_VENDOR, DEVICE_PRODUCT, DEVICE_VERSION = "Alibaba Cloud", "WAF", "3.0"
-
 CEF_KEYS = {  # WAF field -> CEF extension key
     "real_client_ip": "src",             # the client as WAF saw it through proxies
     "src_port": "spt",
@@ -521,85 +648,18 @@ EVENT_SEVERITY = {
 }
 OTHER_ACTION_SEVERITY = 5  # a final_action the table does not list
 
-# ------------------------------------------------------------------------------------------------
-# Reading a pull: the uncompressed body of PullLogs, a serialized LogGroupList
-# ------------------------------------------------------------------------------------------------
-# The SDK parses a pull into one protobuf object per Log.Content, and reading Key and Value off those
-# costs more than all the encoding. Here protobuf's C parser reads the same bytes (wire layout in
-# ../shared/sls-wire-protocol.md section 6) with a schema in which a Log's repeated Contents are ONE
-# optional message of repeated Key and repeated Value: protobuf merges the occurrences of an
-# optional message, so each Log comes out holding its keys and its values as two lists of bytes,
-# in order. LogTags likewise. Every encoder reads logs in this shape:
-#   group.Topic, group.Source (bytes), group.LogTags.Key / .Value, group.Logs
+
+# ================================================================================================
+# Encoders: pure functions from a WAF log to the bytes of one syslog message (the reference)
+# ================================================================================================
+# These are written for reading: one field at a time. The fast path further down gives the same
+# bytes with fewer Python steps; to understand or change what is sent, read only this section.
+#
+# A pull arrives as LogGroups (read by read_log_groups, further down). A LogGroup holds the logs
+# that reached SLS together, with what they share:
+#   group.Topic, group.Source (bytes), group.LogTags.Key / .Value (lists of bytes), group.Logs
+# and each log its time and its own fields:
 #   log.Time, log.Time_ns, log.Contents.Key / .Value (lists of bytes, possibly invalid UTF-8)
-
-Pairs = collections.namedtuple("Pairs", "Key Value")
-ParsedLog = collections.namedtuple("ParsedLog", "Time Time_ns Contents")
-ParsedLogGroup = collections.namedtuple("ParsedLogGroup", "Topic Source LogTags Logs")
-
-
-@functools.lru_cache(maxsize=2)
-def log_group_list_class(merged):
-    """The LogGroupList message class with Contents and LogTags merged (see above), or, unmerged,
-    as SLS defines it but with every field optional bytes (for bytes that do not pair up)."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    field = descriptor_pb2.FieldDescriptorProto
-    pairs_label = field.LABEL_OPTIONAL if merged else field.LABEL_REPEATED
-    text_label = field.LABEL_REPEATED if merged else field.LABEL_OPTIONAL
-    schema = descriptor_pb2.FileDescriptorProto(name=f"sync_waf_to_syslog_{merged}.proto", package="waf")
-    for name, fields in {
-        "Pairs": [("Key", 1, field.TYPE_BYTES, text_label), ("Value", 2, field.TYPE_BYTES, text_label)],
-        "Log": [("Time", 1, field.TYPE_UINT32, field.LABEL_OPTIONAL), ("Contents", 2, ".waf.Pairs", pairs_label),
-                ("Time_ns", 4, field.TYPE_FIXED32, field.LABEL_OPTIONAL)],
-        "LogGroup": [("Logs", 1, ".waf.Log", field.LABEL_REPEATED),
-                     ("Topic", 3, field.TYPE_BYTES, field.LABEL_OPTIONAL),
-                     ("Source", 4, field.TYPE_BYTES, field.LABEL_OPTIONAL),
-                     ("LogTags", 6, ".waf.Pairs", pairs_label)],
-        "LogGroupList": [("LogGroups", 1, ".waf.LogGroup", field.LABEL_REPEATED)],
-    }.items():
-        message = schema.message_type.add(name=name)
-        for field_name, number, kind, label in fields:
-            if isinstance(kind, str):  # the name of a message type
-                message.field.add(name=field_name, number=number, label=label, type=field.TYPE_MESSAGE,
-                                  type_name=kind)
-            else:
-                message.field.add(name=field_name, number=number, label=label, type=kind)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(schema)
-    descriptor = pool.FindMessageTypeByName("waf.LogGroupList")
-    if hasattr(message_factory, "GetMessageClass"):  # protobuf >= 4.21
-        return message_factory.GetMessageClass(descriptor)
-    return message_factory.MessageFactory(pool).GetPrototype(descriptor)
-
-
-def read_log_groups(raw):
-    """The LogGroups of a serialized LogGroupList, in the shape above. Raises protobuf's DecodeError
-    if the bytes do not parse."""
-    groups = log_group_list_class(merged=True).FromString(raw).LogGroups
-    if all(len(p.Key) == len(p.Value) for g in groups for p in (g.LogTags, *(e.Contents for e in g.Logs))):
-        return groups
-    # A Content or LogTag without its Key or its Value: merged lists would pair the wrong keys and
-    # values, so read them one by one, a missing one empty, as the SDK does. (SLS requires both, so
-    # this does not happen; only a log with one Content lacking its Key and another lacking its
-    # Value would pass the count above, and its fields would be shifted.)
-    def pairs(items):
-        return Pairs([item.Key for item in items], [item.Value for item in items])
-
-    return [ParsedLogGroup(g.Topic, g.Source, pairs(g.LogTags),
-                           [ParsedLog(e.Time, e.Time_ns, pairs(e.Contents)) for e in g.Logs])
-            for g in log_group_list_class(merged=False).FromString(raw).LogGroups]
-
-
-def read_pull(response):
-    """The processor's preprocessor: the LogGroups of a PullLogResponse, read from its uncompressed
-    body, which the SDK (0.9) keeps and parses only when asked. It runs in the SDK's fetch task, so
-    a pull that does not parse is fetched again, as with the SDK's own parse."""
-    raw = getattr(response, "_raw_uncompressed_body", None)  # SDK internal, hence the fallback
-    if not isinstance(raw, (bytes, bytearray)):
-        raw = response.get_loggroup_list().SerializeToString()
-    return read_log_groups(raw)
-
 
 def text_of(raw):
     """The text of a raw key or value: invalid UTF-8 becomes U+FFFD."""
@@ -668,78 +728,9 @@ def _escaper(separator, extra="", value_end=r"\Z", joiner=""):
     return lambda text: pattern.sub(replacement, text) if quick.search(text) else text
 
 
-# The fast path: encode_kv of a log's own fields (the Contents) as read from the pull, with a few
-# C-level passes per log instead of Python work per field, which is what limits the forwarder.
-# The values are joined by NUL into one bytes object, escaped in one pass, split again and put
-# into a %-template of the escaped keys. NUL is never part of a multi-byte UTF-8 character, and
-# escaping only adds ASCII next to ASCII, so invalid UTF-8 turns into the same U+FFFD as when each
-# value is decoded and escaped on its own (tests/test_encoders.py checks this against encode_kv).
-
-_CONTROL_BYTES = bytes(c for c in _CONTROL_ESCAPES if c not in (0, 92))  # NUL joins, \ is not a control
-
-
-@functools.lru_cache(maxsize=1024)
-def kv_plan(keys, separator, sent_name):
-    """(template, positions) for a tuple of raw keys: the template b"key1=%s<separator>key2=%s..."
-    of the fields sent (sent_name: field selection, see field_selector; None sends all, as they
-    are), and the positions of their values (None: all). Logs differ in which fields they have (a
-    module that did not act leaves its fields out), so a logstore has many, from few keys."""
-    names = list(map(text_of, keys))
-    positions = None
-    if sent_name is not None:
-        sent = [(position, sent_name(name)) for position, name in enumerate(names)]
-        positions = tuple(position for position, name in sent if name is not None)
-        names = [name for _, name in sent if name is not None]
-    template = separator.replace("%", "%%").encode().join(kv_template_part(name, separator) for name in names)
-    return template, positions
-
-
-@functools.lru_cache(maxsize=4096)
-def kv_template_part(name, separator):
-    """b"key=%s" for one field name, escaped."""
-    return (kv_escapers(separator)[0](name).replace("%", "%%") + "=%s").encode()
-
-
-@functools.lru_cache(maxsize=8)
-def joined_values_escaper(separator):
-    """escape(joined) -> the escaped values, UTF-8, from a log's raw values joined by NUL."""
-    escape_text = _escaper(separator, value_end=r"(?=\x00|\Z)", joiner="\x00")
-    sep = separator.encode()
-
-    def escape(joined):
-        if len(sep) == 1 and len(joined.translate(None, _CONTROL_BYTES)) == len(joined):
-            # The usual case: only \ and the separator to escape, by two bytes.replace (no regex).
-            joined = joined.replace(b"\\", b"\\\\").replace(sep, b"\\" + sep)
-            return joined if joined.isascii() else joined.decode("utf-8", "replace").encode()
-        return escape_text(joined.decode("utf-8", "replace")).encode()
-
-    return escape
-
-
-def kv_body(contents, separator, sent_name=None):
-    """encode_kv(select_fields(log_fields(log), sent_name), separator).encode() for a log's
-    Contents, or None if a value holds NUL itself (rare): the joined values could then not be
-    split apart again."""
-    values = contents.Value
-    if not values:
-        return b""
-    joined = b"\x00".join(values)
-    if joined.count(b"\x00") != len(values) - 1:
-        return None
-    template, positions = kv_plan(tuple(contents.Key), separator, sent_name)
-    escaped = joined_values_escaper(separator)(joined).split(b"\x00")
-    return template % (tuple(escaped) if positions is None else tuple(map(escaped.__getitem__, positions)))
-
-
 # ------------------------------------------------------------------------------------------------
-# Field selection (every encoding): SYSLOG_FIELDS_INCLUDE / _EXCLUDE / _RENAME
+# Field selection (every encoding): SYSLOG_FIELDS_INCLUDE / _EXCLUDE / _RENAME (is_sent: Settings)
 # ------------------------------------------------------------------------------------------------
-
-def is_sent(name, include, exclude):
-    """Does a field pass the include and exclude patterns (shell-style, case-sensitive)?"""
-    return ((not include or any(fnmatch.fnmatchcase(name, pattern) for pattern in include))
-            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude))
-
 
 def field_selector(include, exclude, rename):
     """sent_name(name) -> the name a field is sent under, or None if it is not sent; or None when
@@ -766,6 +757,8 @@ def select_fields(fields, sent_name):
 # ------------------------------------------------------------------------------------------------
 # JSON, CEF and LEEF (SYSLOG_ENCODING=json / cef / leef)
 # ------------------------------------------------------------------------------------------------
+
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
@@ -914,9 +907,6 @@ def encode_leef(fields, event, delimiter):
 # The syslog message around the body
 # ------------------------------------------------------------------------------------------------
 
-MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
 @functools.lru_cache(maxsize=4096)
 def rfc3339_parts(seconds):
     """('YYYY-MM-DDThh:mm:ss', '+hh:mm') in local time: computed once per second of log time."""
@@ -951,48 +941,253 @@ def rfc3164_header(pri, timestamp, hostname, tag):
     return f"<{pri}>{timestamp} {hostname} {tag}: "
 
 
+# ------------------------------------------------------------------------------------------------
+# Messages longer than SYSLOG_MAX_MESSAGE_SIZE
+# ------------------------------------------------------------------------------------------------
+
+TRUNCATION_MARK = "..."
+
+
 def fit_message(head, fields, encode_body, max_size):
     """The header (bytes) + body within max_size; (bytes, truncated?).
 
-    The longest values are cut (at a character boundary, marked with "...") until the message fits,
-    so every field stays present and the body stays well-formed in every encoding. If even the keys
-    do not fit, fields are left out from the end; a header that alone is too long is cut at a UTF-8
-    boundary as a last resort."""
-    body = encode_body(fields).encode()
-    if len(head) + len(body) <= max_size:
-        return head + body, False
-    fields = list(fields)
-    for _ in range(2 * len(fields)):
-        excess = len(head) + len(body) - max_size
-        if excess <= 0:
-            return head + body, True
-        index = max(range(len(fields)), key=lambda i: len(fields[i][1]))
-        key, value = fields[index]
-        raw = value.encode()
-        if len(raw) <= 3:
-            break
-        keep = raw[:max(0, len(raw) - excess - 3)].decode("utf-8", "ignore")
-        fields[index] = (key, keep + "...")
+    Values longer than a common cap are cut to it at a character boundary, marked "...": the
+    largest cap that fits, so the longest values are cut and every field stays present, and the body
+    stays well-formed in every encoding. If even values cut to "..." do not fit, fields are left out
+    from the end; a header that alone is too long is cut at a UTF-8 boundary as a last resort.
+    Each try encodes the body once, and the number of tries grows with the logarithm of the cap and
+    of the fields kept, so a log with a million fields costs seconds, not hours."""
+    room = max_size - len(head)
+    if sum(len(value) for _, value in fields) <= room:  # else it cannot fit: do not build it whole
         body = encode_body(fields).encode()
-    while fields and len(head) + len(body) > max_size:
-        fields.pop()
-        body = encode_body(fields).encode()
-    message = (head + body)[:max_size]
-    return message[:utf8_boundary(message, len(message))], True
+        if len(body) <= room:
+            return head + body, False
+    raws = [value.encode() for _, value in fields]
+
+    def body_with(cap, count):
+        """The body of the first `count` fields, values longer than `cap` bytes cut to it."""
+        kept = len(TRUNCATION_MARK)
+        return encode_body([
+            (key, value if len(raw) <= cap else raw[:utf8_boundary(raw, cap - kept)].decode() + TRUNCATION_MARK)
+            for (key, value), raw in zip(fields[:count], raws)]).encode()
+
+    shortest = len(TRUNCATION_MARK)
+    count = largest(lambda n: len(body_with(shortest, n)) <= room, len(fields))
+    longest = max(map(len, raws[:count]), default=shortest)
+    cap = largest(lambda c: len(body_with(c, count)) <= room, min(longest, max(room, shortest)), shortest)
+    message = head + body_with(cap, count)
+    return message[:utf8_boundary(message, max_size)], True
 
 
-def utf8_boundary(data, end):
-    """The largest index <= end that does not split a UTF-8 character of data."""
-    if end >= len(data):
-        return len(data)
-    while end > 0 and (data[end] & 0xC0) == 0x80:
-        end -= 1
-    return end
+def largest(fits, high, low=0):
+    """The largest n in [low, high] for which fits(n), for a fits() that holds up to some n and not
+    after it; low if none. Probes low+1, low+2, low+4, ... then bisects, so the cost follows the
+    answer, not high."""
+    step = 1
+    while low + step <= high and fits(low + step):
+        low, step = low + step, step * 2
+    high = min(high, low + step - 1)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+# ================================================================================================
+# FAST PATH: internals, not needed to understand or change what is sent
+# ================================================================================================
+# What is below gives, byte for byte, what the reference encoders above give, with a few C-level
+# passes per log instead of Python work per field (which is what limits the forwarder). It must
+# stay identical to them: tests/test_encoders.py proves it for any keys, values (invalid UTF-8,
+# NUL, separators), separators and field selection (test_fast_kv_path_equals_the_reference_*,
+# hypothesis), and for the reader against the SDK's own parse (test_reader_*). MessageEncoder
+# takes the fast path only while customize() is unchanged (customize_is_unchanged).
+
+# ------------------------------------------------------------------------------------------------
+# Reading a pull: the uncompressed body of PullLogs, a serialized LogGroupList
+# ------------------------------------------------------------------------------------------------
+# The SDK parses a pull into one protobuf object per Log.Content, and reading Key and Value off those
+# costs more than all the encoding. Here protobuf's C parser reads the same bytes (SLS's LogGroupList:
+# Log{1 Time, 2 Contents{1 Key, 2 Value}, 4 Time_ns}, LogGroup{1 Logs, 3 Topic, 4 Source, 6 LogTags})
+# with a schema in which a Log's repeated Contents are ONE optional message of repeated Key and
+# repeated Value: protobuf merges the occurrences of an optional message, so each Log comes out
+# holding its keys and its values as two lists of bytes, in order. LogTags likewise.
+
+Pairs = collections.namedtuple("Pairs", "Key Value")
+ParsedLog = collections.namedtuple("ParsedLog", "Time Time_ns Contents")
+ParsedLogGroup = collections.namedtuple("ParsedLogGroup", "Topic Source LogTags Logs")
+
+
+@functools.lru_cache(maxsize=2)
+def log_group_list_class(merged):
+    """The LogGroupList message class with Contents and LogTags merged (see above), or, unmerged,
+    as SLS defines it but with every field optional bytes (for bytes that do not pair up)."""
+    field = descriptor_pb2.FieldDescriptorProto
+    pairs_label = field.LABEL_OPTIONAL if merged else field.LABEL_REPEATED
+    text_label = field.LABEL_REPEATED if merged else field.LABEL_OPTIONAL
+    schema = descriptor_pb2.FileDescriptorProto(name=f"sync_waf_to_syslog_{merged}.proto", package="waf")
+    for name, fields in {
+        "Pairs": [("Key", 1, field.TYPE_BYTES, text_label), ("Value", 2, field.TYPE_BYTES, text_label)],
+        "Log": [("Time", 1, field.TYPE_UINT32, field.LABEL_OPTIONAL), ("Contents", 2, ".waf.Pairs", pairs_label),
+                ("Time_ns", 4, field.TYPE_FIXED32, field.LABEL_OPTIONAL)],
+        "LogGroup": [("Logs", 1, ".waf.Log", field.LABEL_REPEATED),
+                     ("Topic", 3, field.TYPE_BYTES, field.LABEL_OPTIONAL),
+                     ("Source", 4, field.TYPE_BYTES, field.LABEL_OPTIONAL),
+                     ("LogTags", 6, ".waf.Pairs", pairs_label)],
+        "LogGroupList": [("LogGroups", 1, ".waf.LogGroup", field.LABEL_REPEATED)],
+    }.items():
+        message = schema.message_type.add(name=name)
+        for field_name, number, kind, label in fields:
+            if isinstance(kind, str):  # the name of a message type
+                message.field.add(name=field_name, number=number, label=label, type=field.TYPE_MESSAGE,
+                                  type_name=kind)
+            else:
+                message.field.add(name=field_name, number=number, label=label, type=kind)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(schema)
+    descriptor = pool.FindMessageTypeByName("waf.LogGroupList")
+    if hasattr(message_factory, "GetMessageClass"):  # protobuf >= 4.21
+        return message_factory.GetMessageClass(descriptor)
+    return message_factory.MessageFactory(pool).GetPrototype(descriptor)
+
+
+def read_log_groups(raw):
+    """The LogGroups of a serialized LogGroupList, in the shape above. Raises protobuf's DecodeError
+    if the bytes do not parse."""
+    groups = log_group_list_class(merged=True).FromString(raw).LogGroups
+    if all(len(p.Key) == len(p.Value) for g in groups for p in (g.LogTags, *(e.Contents for e in g.Logs))):
+        return groups
+    # A Content or LogTag without its Key or its Value: merged lists would pair the wrong keys and
+    # values, so read them one by one, a missing one empty, as the SDK does. (SLS requires both, so
+    # this does not happen; only a log with one Content lacking its Key and another lacking its
+    # Value would pass the count above, and its fields would be shifted.)
+    def pairs(items):
+        return Pairs([item.Key for item in items], [item.Value for item in items])
+
+    return [ParsedLogGroup(g.Topic, g.Source, pairs(g.LogTags),
+                           [ParsedLog(e.Time, e.Time_ns, pairs(e.Contents)) for e in g.Logs])
+            for g in log_group_list_class(merged=False).FromString(raw).LogGroups]
+
+
+def read_pull(response):
+    """The processor's preprocessor: the LogGroups of a PullLogResponse, read from its uncompressed
+    body, which the SDK (0.9) keeps and parses only when asked. It runs in the SDK's fetch task, so
+    a pull that does not parse is fetched again, as with the SDK's own parse."""
+    raw = getattr(response, "_raw_uncompressed_body", None)  # SDK internal, hence the fallback
+    if not isinstance(raw, (bytes, bytearray)):
+        raw = response.get_loggroup_list().SerializeToString()
+    return read_log_groups(raw)
+
+
+# ------------------------------------------------------------------------------------------------
+# key=value from templates
+# ------------------------------------------------------------------------------------------------
+# The values of a log are joined by NUL into one bytes object, escaped in one pass, split again and
+# put into a %-template of the escaped keys, cached per tuple of keys. NUL is never part of a
+# multi-byte UTF-8 character, and escaping only adds ASCII next to ASCII, so invalid UTF-8 turns into
+# the same U+FFFD as when each value is decoded and escaped on its own.
+
+_CONTROL_BYTES = bytes(c for c in _CONTROL_ESCAPES if c not in (0, 92))  # NUL joins, \ is not a control
+
+
+@functools.lru_cache(maxsize=1024)
+def kv_plan(keys, separator, sent_name):
+    """(template, positions) for a tuple of raw keys: the template b"key1=%s<separator>key2=%s..."
+    of the fields sent (sent_name: field selection, see field_selector; None sends all, as they
+    are), and the positions of their values (None: all). Logs differ in which fields they have (a
+    module that did not act leaves its fields out), so a logstore has many, from few keys."""
+    names = list(map(text_of, keys))
+    positions = None
+    if sent_name is not None:
+        sent = [(position, sent_name(name)) for position, name in enumerate(names)]
+        positions = tuple(position for position, name in sent if name is not None)
+        names = [name for _, name in sent if name is not None]
+    template = separator.replace("%", "%%").encode().join(kv_template_part(name, separator) for name in names)
+    return template, positions
+
+
+@functools.lru_cache(maxsize=4096)
+def kv_template_part(name, separator):
+    """b"key=%s" for one field name, escaped."""
+    return (kv_escapers(separator)[0](name).replace("%", "%%") + "=%s").encode()
+
+
+@functools.lru_cache(maxsize=8)
+def joined_values_escaper(separator):
+    """escape(joined) -> the escaped values, UTF-8, from a log's raw values joined by NUL."""
+    escape_text = _escaper(separator, value_end=r"(?=\x00|\Z)", joiner="\x00")
+    sep = separator.encode()
+
+    def escape(joined):
+        if len(sep) == 1 and len(joined.translate(None, _CONTROL_BYTES)) == len(joined):
+            # The usual case: only \ and the separator to escape, by two bytes.replace (no regex).
+            joined = joined.replace(b"\\", b"\\\\").replace(sep, b"\\" + sep)
+            return joined if joined.isascii() else joined.decode("utf-8", "replace").encode()
+        return escape_text(joined.decode("utf-8", "replace")).encode()
+
+    return escape
+
+
+def kv_body(contents, separator, sent_name=None, limit=float("inf")):
+    """encode_kv(select_fields(log_fields(log), sent_name), separator).encode() for a log's
+    Contents, or None if a value holds NUL itself (rare: the joined values could then not be
+    split apart again) or the values alone are longer than limit (the message will be cut)."""
+    values = contents.Value
+    if not values:
+        return b""
+    joined = b"\x00".join(values)
+    if len(joined) > limit or joined.count(b"\x00") != len(values) - 1:
+        return None
+    template, positions = kv_plan(tuple(contents.Key), separator, sent_name)
+    escaped = joined_values_escaper(separator)(joined).split(b"\x00")
+    return template % (tuple(escaped) if positions is None else tuple(map(escaped.__getitem__, positions)))
+
+
+def kv_group_bodies(head_fields, separator, sent_name, limit):
+    """For the logs of one LogGroup: a function (log -> its kv body, UTF-8, or None for the
+    reference path) giving encode_kv(head_fields + select_fields(log_fields(log))), where
+    head_fields (the static fields and the group's selected shared fields) are encoded once. A log
+    whose values alone exceed limit bytes takes the reference path, which cuts it."""
+    head = encode_kv(head_fields, separator).encode()
+    prefix = head + separator.encode() if head else b""
+
+    def body(log):
+        own = kv_body(log.Contents, separator, sent_name, limit)
+        if own is None:
+            return None
+        return prefix + own if own else head
+
+    return body
+
+
+def _returns_its_argument(fields):
+    return fields
+
+
+def customize_is_unchanged():
+    """Whether customize() still only returns its argument (the same bytecode as
+    _returns_its_argument), so that the fast path, which does not call it, gives the same bytes."""
+    return customize.__code__.co_code == _returns_its_argument.__code__.co_code
+
+
+# ================================================================================================
+# The encoder: a pull's LogGroups -> syslog messages
+# ================================================================================================
+
+Encoded = collections.namedtuple("Encoded", "messages newest truncated filtered")
 
 
 class MessageEncoder:
-    """Turns the LogGroups of a pull (read_log_groups) into syslog messages (bytes, one per log),
-    caching what repeats."""
+    """Turns the LogGroups of a pull (read_log_groups) into syslog messages, one per log.
+
+    The reference path, for every encoding: a log's fields (its group's shared fields, then its own)
+    go through customize() (None drops the log); cef and leef take their header's WAF decision from
+    the result; SYSLOG_FIELDS_* select from it; STATIC_FIELDS and SYSLOG_STATIC_FIELDS come first;
+    the body is encoded and cut to SYSLOG_MAX_MESSAGE_SIZE if need be. kv takes the fast path
+    instead while customize() is unchanged, with the same bytes."""
 
     def __init__(self, settings, procid=None):
         self.settings = settings
@@ -1000,7 +1195,9 @@ class MessageEncoder:
         self.procid = str(procid or os.getpid())
         self.sent_name = field_selector(settings.syslog_fields_include, settings.syslog_fields_exclude,
                                         settings.syslog_fields_rename)
-        self.select = functools.partial(select_fields, sent_name=self.sent_name)
+        self.static_fields = [*STATIC_FIELDS, *settings.syslog_static_fields]
+        self.customize = customize
+        self.fast_kv = settings.syslog_encoding == "kv" and customize_is_unchanged()
 
     def header(self, seconds, nanoseconds):
         s = self.settings
@@ -1010,64 +1207,59 @@ class MessageEncoder:
                               s.syslog_tag, self.procid)
 
     def body_encoder(self, fields):
-        """The function (selected fields -> MSG body) for a log with these fields. CEF and LEEF headers
-        describe the WAF's decision, taken from all fields, so field selection cannot change it."""
+        """The function (fields to send -> MSG body text) of SYSLOG_ENCODING for a log with these
+        fields: cef and leef put the WAF's decision, from all of them, in their header."""
         s = self.settings
         if s.syslog_encoding == "kv":
-            return functools.partial(encode_kv, separator=s.syslog_separator)
+            return functools.partial(encode_kv, separator=s.syslog_sep)
         if s.syslog_encoding == "json":
             return encode_json
         if s.syslog_encoding == "cef":
             return functools.partial(encode_cef, event=waf_event(fields))
         return functools.partial(encode_leef, event=waf_event(fields), delimiter=s.syslog_leef_delimiter)
 
-    def group_body_encoder(self, shared):
-        """For the logs of one LogGroup, whose shared fields are `shared`: a function (a log ->
-        its MSG body, UTF-8)."""
-        def encode_whole_body(log):
-            fields = shared + log_fields(log)
-            return self.body_encoder(fields)(self.select(fields)).encode()
-
-        if self.settings.syslog_encoding != "kv":
-            return encode_whole_body
-        # key=value bodies concatenate, so the shared part is encoded once per group, not per log.
-        separator = self.settings.syslog_separator
-        shared_body = encode_kv(self.select(shared), separator).encode()
-        prefix = shared_body + separator.encode() if shared_body else b""
-
-        def encode_body(log):
-            body = kv_body(log.Contents, separator, self.sent_name)
-            if body is None:
-                return encode_whole_body(log)
-            return prefix + body if body else shared_body
-
-        return encode_body
+    def reference_message(self, header, fields):
+        """(message, truncated?) for a log's fields by the reference path, or None if customize()
+        drops the log."""
+        fields = self.customize(fields)
+        if fields is None:
+            return None
+        fields = list(fields)
+        sent = self.static_fields + select_fields(fields, self.sent_name)
+        return fit_message(header, sent, self.body_encoder(fields), self.settings.syslog_max_message_size)
 
     def encode(self, log_groups):
-        """(messages, time of the newest log, number of truncated messages) for one pulled batch.
-        Logs of a topic not in SLS_TOPICS give no message, yet count as done: their checkpoint moves."""
-        messages, newest, truncated = [], 0, 0
+        """Encoded(messages, time of the newest log, messages truncated, logs filtered) for one
+        pulled batch. Filtered logs (of a topic not in SLS_TOPICS, or dropped by customize()) give
+        no message, yet count as done: their checkpoint moves."""
+        messages, newest, truncated, filtered = [], 0, 0, 0
         max_size = self.settings.syslog_max_message_size
         topics = self.settings.sls_topics
         headers = {}  # (seconds, nanoseconds) -> header: the logs of a batch share few timestamps
         for group in log_groups:
             newest = max(newest, max((entry.Time for entry in group.Logs), default=0))
             if topics and text_of(group.Topic) not in topics:
+                filtered += len(group.Logs)
                 continue
             shared = group_fields(group)
-            encode_body = self.group_body_encoder(shared)
+            fast_body = kv_group_bodies(self.static_fields + select_fields(shared, self.sent_name),
+                                        self.settings.syslog_sep, self.sent_name, max_size) if self.fast_kv else None
             for entry in group.Logs:
                 stamp = entry.Time, entry.Time_ns
                 header = headers.get(stamp)
                 if header is None:
                     header = headers[stamp] = self.header(*stamp).encode()
-                message = header + encode_body(entry)
-                if len(message) > max_size:
-                    fields = shared + log_fields(entry)
-                    message, _ = fit_message(header, self.select(fields), self.body_encoder(fields), max_size)
-                    truncated += 1
-                messages.append(message)
-        return messages, newest, truncated
+                body = fast_body(entry) if fast_body else None
+                if body is not None and len(header) + len(body) <= max_size:
+                    messages.append(header + body)
+                    continue
+                result = self.reference_message(header, shared + log_fields(entry))
+                if result is None:
+                    filtered += 1
+                    continue
+                messages.append(result[0])
+                truncated += result[1]
+        return Encoded(messages, newest, truncated, filtered)
 
 
 # ================================================================================================
@@ -1244,15 +1436,6 @@ class TcpTransport:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-
-def tls_context(settings):
-    """Certificate and host-name verification on, TLS 1.2 or newer, optional client certificate."""
-    context = ssl.create_default_context(cafile=settings.syslog_ca_file or None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if settings.syslog_client_cert:
-        context.load_cert_chain(settings.syslog_client_cert, settings.syslog_client_key)
-    return context
 
 
 class TlsTransport(TcpTransport):
@@ -1465,21 +1648,6 @@ TRANSPORTS = {"udp": UdpTransport, "tcp": TcpTransport, "tls": TlsTransport,
               "relp": RelpTransport, "relp+tls": RelpTlsTransport}
 
 
-class RateLimiter:
-    """Says yes to a given key at most once per interval: one log line per condition, not per request."""
-
-    def __init__(self, interval):
-        self.interval = interval
-        self.last = {}
-
-    def ready(self, key):
-        now = time.monotonic()
-        if now - self.last.get(key, -self.interval) >= self.interval:
-            self.last[key] = now
-            return True
-        return False
-
-
 class Delivery:
     """Sends batches through one transport, shared by all shards of this process.
 
@@ -1544,12 +1712,8 @@ class Delivery:
             self.disconnect()
 
 
-def describe_error(exc):
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 # ================================================================================================
-# The SDK consumer: a processor per shard, and the program's own statistics
+# The SDK consumer: a processor per shard, the fixes to the SDK, and the program's statistics
 # ================================================================================================
 
 class Stats:
@@ -1557,7 +1721,7 @@ class Stats:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.totals = dict(logs=0, bytes=0, send_errors=0, resent=0, truncated=0)
+        self.totals = dict(logs=0, bytes=0, send_errors=0, resent=0, truncated=0, filtered=0)
         self.newest = {}  # shard -> time of the newest log sent
         self.since = time.monotonic()
         self.reported = dict(self.totals)
@@ -1583,176 +1747,7 @@ class Stats:
             t = self.totals
             return (f"stats: {rate['logs']:.0f} logs/s, {rate['bytes']:.0f} bytes/s, total {t['logs']} logs, "
                     f"lag {lag or '-'}, send errors {t['send_errors']}, resent {t['resent']}, "
-                    f"truncated {t['truncated']}")
-
-
-def make_processor_class():
-    """The ConsumerProcessorBase subclass, built here so the SDK is imported only when running."""
-    from aliyun.log.consumer import ConsumerProcessorBase
-
-    class WafLogProcessor(ConsumerProcessorBase):
-        """One per shard: encode a batch, deliver it, and only then move the checkpoint."""
-
-        RETRY_DELAY = 5  # seconds before a batch that failed unexpectedly is fetched again
-
-        def __init__(self, forwarder):
-            super().__init__()
-            self.forwarder = forwarder
-            self._preprocessor = read_pull  # the fetch task hands process() read_pull's LogGroups
-            self.warned = RateLimiter(60)
-
-        def process(self, log_groups, tracker):
-            try:
-                return self.forward(log_groups, tracker)
-            except Exception:
-                # The SDK drops a batch whose process() raises, and the next batch's checkpoint
-                # then moves past it. Roll back instead: the batch is fetched and tried again.
-                if self.warned.ready("error"):
-                    log.exception("shard %d: unexpected error with a batch of %d log groups; it is "
-                                  "fetched and tried again, nothing is skipped", self.shard_id, len(log_groups))
-                self.forwarder.stop.wait(self.RETRY_DELAY)
-                return tracker.get_check_point()
-
-        def forward(self, log_groups, tracker):
-            forwarder = self.forwarder
-            messages, newest, truncated = forwarder.encoder.encode(log_groups)
-            log.info("Get data from shard %d, log count: %d", self.shard_id, len(messages))
-            if truncated:
-                forwarder.stats.add(truncated=truncated)
-                log.warning("shard %d: %d logs were longer than SYSLOG_MAX_MESSAGE_SIZE=%d bytes; their "
-                            "longest values were cut", self.shard_id, truncated,
-                            forwarder.settings.syslog_max_message_size)
-            if not forwarder.send(messages):
-                # Stopping: roll back to the start of this batch so nothing past it is saved.
-                return tracker.get_check_point()
-            forwarder.stats.sent(self.shard_id, messages, newest)
-            log.info("Complete send data to remote")
-            tracker.save_check_point(False)  # in memory; Forwarder.flush_checkpoints saves it
-            forwarder.trackers[self.shard_id] = tracker
-            return None
-
-        def shutdown(self, tracker):
-            # The SDK's default saves the cursor of the last batch *handed* to process(); the
-            # tracker's checkpoint here only ever moved past delivered batches, so flush that.
-            if self.forwarder.trackers.get(self.shard_id) is tracker:
-                del self.forwarder.trackers[self.shard_id]
-            save_delivered_checkpoint(tracker)
-
-    return WafLogProcessor
-
-
-def make_worker_class():
-    """The SDK's ConsumerWorker with one fix (SDK 0.9.52): its heartbeat keeps listing every shard the
-    group gave this consumer until that shard's consumer has shut down. A shard given and taken back
-    between two rounds of the worker (a heartbeat interval not much longer than the fetch interval)
-    never got a shard consumer, so it stayed listed for ever and the group never handed it to the
-    consumer it now belongs to: nobody read it. Here such shards leave the heartbeat. It also notes
-    when its loop last went round (`last_round`), so supervise() sees a stuck loop."""
-    from aliyun.log.consumer import ConsumerWorker
-
-    class Worker(ConsumerWorker):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.last_round = time.monotonic()  # supervise() checks that the loop keeps going round
-
-        def clean_shard_consumer(self, owned_shards):
-            self.last_round = time.monotonic()  # called once in every round of ConsumerWorker.run
-            super().clean_shard_consumer(owned_shards)
-            beat = self.heart_beat
-            with beat.lock:  # the heartbeat thread changes both lists under this (re-entrant) lock
-                for shard in set(beat.mheart_shards) - set(beat.mheld_shards) - set(self.shard_consumers):
-                    beat.remove_heart_shard(shard)
-
-    return Worker
-
-
-def make_consumer_client_class():
-    """The SDK's ConsumerClient with two fixes for a no-loss forwarder (SDK 0.9.52 behaviour):
-
-    * an expired checkpoint cursor (InvalidCursor) makes the SDK jump to the END of the shard,
-      skipping everything still retained; here it resumes from the oldest retained log instead,
-      and says loudly that the logs deleted by the logstore's retention are gone;
-    * a failed checkpoint write raised from the SDK's idle flush kills its worker thread while the
-      heartbeat keeps holding the shards; here the failure is logged, kept, and retried with the
-      next checkpoint write, so consumption goes on (at worst, a restart repeats some logs)."""
-    from aliyun.log.consumer.consumer_client import ConsumerClient
-    from aliyun.log.logexception import LogException
-
-    class ResilientConsumerClient(ConsumerClient):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.unsaved = {}  # shard -> (consumer, cursor) whose write failed
-            self.unsaved_lock = threading.Lock()
-            self.warned = RateLimiter(60)
-
-        def pull_logs(self, shard_id, cursor, **kwargs):
-            try:
-                return super().pull_logs(shard_id, cursor, **kwargs)
-            except LogException as exc:
-                if "invalidcursor" not in exc.get_error_code().lower():
-                    raise
-                begin = self.get_begin_cursor(shard_id)
-                if cursor_number(cursor) is not None and cursor_number(begin) is not None \
-                        and cursor_number(cursor) < cursor_number(begin):
-                    log.error("shard %d: the checkpoint cursor %s has expired (older than the oldest "
-                              "log the logstore retains); resuming from the oldest retained log %s. "
-                              "Logs between them were deleted by the logstore's retention and are "
-                              "lost.", shard_id, cursor, begin)
-                    return super().pull_logs(shard_id, begin, **kwargs)
-                log.error("shard %d: SLS rejected the cursor %s as invalid (%s); the SDK continues "
-                          "from the end of the shard, so logs between the checkpoint and the end may "
-                          "have been skipped", shard_id, cursor, exc.get_error_message())
-                raise
-
-        def update_check_point(self, shard, consumer, check_point):
-            try:
-                super().update_check_point(shard, consumer, check_point)
-            except LogException as exc:
-                with self.unsaved_lock:
-                    self.unsaved[shard] = (consumer, check_point)
-                if self.warned.ready("checkpoint"):
-                    log.warning("cannot save checkpoints in SLS (%s: %s); keeping them to retry "
-                                "with the next write", exc.get_error_code(), exc.get_error_message())
-                return
-            with self.unsaved_lock:
-                self.unsaved.pop(shard, None)
-                retry = list(self.unsaved.items())
-            for other, (other_consumer, other_cursor) in retry:
-                self.update_check_point(other, other_consumer, other_cursor)
-
-        def save_unsaved(self):
-            """One more attempt for every checkpoint whose write failed (called at exit)."""
-            with self.unsaved_lock:
-                retry = list(self.unsaved.items())
-            for shard, (consumer, cursor) in retry:
-                self.update_check_point(shard, consumer, cursor)
-            return not self.unsaved
-
-    return ResilientConsumerClient
-
-
-def cursor_number(cursor):
-    """SLS cursors are base64 of a decimal position; None for anything else."""
-    import base64
-    try:
-        return int(base64.b64decode(cursor.strip() + "=" * (-len(cursor.strip()) % 4)))
-    except (ValueError, TypeError):
-        return None
-
-
-class SdkLogFilter(logging.Filter):
-    """Lets each distinct SDK message through once a minute, without its traceback."""
-
-    def __init__(self, interval=60):
-        super().__init__()
-        self.limiter = RateLimiter(interval)
-
-    def filter(self, record):
-        if not record.name.startswith("aliyun"):
-            return True
-        record.exc_info = record.exc_text = None
-        text = re.sub(r'"requestId": "[^"]*"', "", record.getMessage())  # unique per request
-        return self.limiter.ready((record.name, text[:160]))
+                    f"truncated {t['truncated']}, filtered {t['filtered']}")
 
 
 class Forwarder:
@@ -1767,7 +1762,7 @@ class Forwarder:
         self.trackers = {}  # shard -> checkpoint tracker of its processor
 
     def send(self, messages):
-        # A batch whose logs were all filtered out (SLS_TOPICS) needs no syslog server to be done.
+        # A batch whose logs were all filtered out needs no syslog server to be done.
         return not messages or self.delivery.deliver(messages)
 
     def flush_checkpoints(self, interval=1.0):
@@ -1792,14 +1787,167 @@ def save_delivered_checkpoint(tracker):
             tracker.set_persistent_check_point(cursor)
 
 
+class WafLogProcessor(ConsumerProcessorBase):
+    """One per shard: encode a batch, deliver it, and only then move the checkpoint."""
+
+    RETRY_DELAY = 5  # seconds before a batch that failed unexpectedly is fetched again
+
+    def __init__(self, forwarder):
+        super().__init__()
+        self.forwarder = forwarder
+        self._preprocessor = read_pull  # the fetch task hands process() read_pull's LogGroups
+        self.warned = RateLimiter(60)
+
+    def process(self, log_groups, tracker):
+        try:
+            return self.forward(log_groups, tracker)
+        except Exception:
+            # The SDK drops a batch whose process() raises, and the next batch's checkpoint
+            # then moves past it. Roll back instead: the batch is fetched and tried again.
+            if self.warned.ready("error"):
+                log.exception("shard %d: unexpected error with a batch of %d log groups; it is "
+                              "fetched and tried again, nothing is skipped", self.shard_id, len(log_groups))
+            self.forwarder.stop.wait(self.RETRY_DELAY)
+            return tracker.get_check_point()
+
+    def forward(self, log_groups, tracker):
+        forwarder = self.forwarder
+        batch = forwarder.encoder.encode(log_groups)
+        log.info("Get data from shard %d, log count: %d", self.shard_id, len(batch.messages))
+        if batch.truncated:
+            forwarder.stats.add(truncated=batch.truncated)
+            log.warning("shard %d: %d logs were longer than SYSLOG_MAX_MESSAGE_SIZE=%d bytes; their "
+                        "longest values were cut", self.shard_id, batch.truncated,
+                        forwarder.settings.syslog_max_message_size)
+        if not forwarder.send(batch.messages):
+            # Stopping: roll back to the start of this batch so nothing past it is saved.
+            return tracker.get_check_point()
+        forwarder.stats.add(filtered=batch.filtered)
+        forwarder.stats.sent(self.shard_id, batch.messages, batch.newest)
+        log.info("Complete send data to remote")
+        tracker.save_check_point(False)  # in memory; Forwarder.flush_checkpoints saves it
+        forwarder.trackers[self.shard_id] = tracker
+        return None
+
+    def shutdown(self, tracker):
+        # The SDK's default saves the cursor of the last batch *handed* to process(); the
+        # tracker's checkpoint here only ever moved past delivered batches, so flush that.
+        if self.forwarder.trackers.get(self.shard_id) is tracker:
+            del self.forwarder.trackers[self.shard_id]
+        save_delivered_checkpoint(tracker)
+
+
+class WafConsumerWorker(ConsumerWorker):
+    """The SDK's ConsumerWorker with one fix (SDK 0.9.52): its heartbeat keeps listing every shard the
+    group gave this consumer until that shard's consumer has shut down. A shard given and taken back
+    between two rounds of the worker (a heartbeat interval not much longer than the fetch interval)
+    never got a shard consumer, so it stayed listed for ever and the group never handed it to the
+    consumer it now belongs to: nobody read it. Here such shards leave the heartbeat. It also notes
+    when its loop last went round (`last_round`), so supervise() sees a stuck loop."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_round = time.monotonic()  # supervise() checks that the loop keeps going round
+
+    def clean_shard_consumer(self, owned_shards):
+        self.last_round = time.monotonic()  # called once in every round of ConsumerWorker.run
+        super().clean_shard_consumer(owned_shards)
+        beat = self.heart_beat
+        with beat.lock:  # the heartbeat thread changes both lists under this (re-entrant) lock
+            for shard in set(beat.mheart_shards) - set(beat.mheld_shards) - set(self.shard_consumers):
+                beat.remove_heart_shard(shard)
+
+
+class ResilientConsumerClient(ConsumerClient):
+    """The SDK's ConsumerClient with two fixes for a no-loss forwarder (SDK 0.9.52 behaviour):
+
+    * an expired checkpoint cursor (InvalidCursor) makes the SDK jump to the END of the shard,
+      skipping everything still retained; here it resumes from the oldest retained log instead,
+      and says loudly that the logs deleted by the logstore's retention are gone;
+    * a failed checkpoint write raised from the SDK's idle flush kills its worker thread while the
+      heartbeat keeps holding the shards; here the failure is logged, kept, and retried with the
+      next checkpoint write, so consumption goes on (at worst, a restart repeats some logs)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unsaved = {}  # shard -> (consumer, cursor) whose write failed
+        self.unsaved_lock = threading.Lock()
+        self.warned = RateLimiter(60)
+
+    def pull_logs(self, shard_id, cursor, **kwargs):
+        try:
+            return super().pull_logs(shard_id, cursor, **kwargs)
+        except LogException as exc:
+            if "invalidcursor" not in exc.get_error_code().lower():
+                raise
+            begin = self.get_begin_cursor(shard_id)
+            if cursor_number(cursor) is not None and cursor_number(begin) is not None \
+                    and cursor_number(cursor) < cursor_number(begin):
+                log.error("shard %d: the checkpoint cursor %s has expired (older than the oldest "
+                          "log the logstore retains); resuming from the oldest retained log %s. "
+                          "Logs between them were deleted by the logstore's retention and are "
+                          "lost.", shard_id, cursor, begin)
+                return super().pull_logs(shard_id, begin, **kwargs)
+            log.error("shard %d: SLS rejected the cursor %s as invalid (%s); the SDK continues "
+                      "from the end of the shard, so logs between the checkpoint and the end may "
+                      "have been skipped", shard_id, cursor, exc.get_error_message())
+            raise
+
+    def update_check_point(self, shard, consumer, check_point):
+        try:
+            super().update_check_point(shard, consumer, check_point)
+        except LogException as exc:
+            with self.unsaved_lock:
+                self.unsaved[shard] = (consumer, check_point)
+            if self.warned.ready("checkpoint"):
+                log.warning("cannot save checkpoints in SLS (%s: %s); keeping them to retry "
+                            "with the next write", exc.get_error_code(), exc.get_error_message())
+            return
+        with self.unsaved_lock:
+            self.unsaved.pop(shard, None)
+            retry = list(self.unsaved.items())
+        for other, (other_consumer, other_cursor) in retry:
+            self.update_check_point(other, other_consumer, other_cursor)
+
+    def save_unsaved(self):
+        """One more attempt for every checkpoint whose write failed (called at exit)."""
+        with self.unsaved_lock:
+            retry = list(self.unsaved.items())
+        for shard, (consumer, cursor) in retry:
+            self.update_check_point(shard, consumer, cursor)
+        return not self.unsaved
+
+
+def cursor_number(cursor):
+    """SLS cursors are base64 of a decimal position; None for anything else."""
+    try:
+        return int(base64.b64decode(cursor.strip() + "=" * (-len(cursor.strip()) % 4)))
+    except (ValueError, TypeError):
+        return None
+
+
+class SdkLogFilter(logging.Filter):
+    """Lets each distinct SDK message through once a minute, without its traceback."""
+
+    def __init__(self, interval=60):
+        super().__init__()
+        self.limiter = RateLimiter(interval)
+
+    def filter(self, record):
+        if not record.name.startswith("aliyun"):
+            return True
+        record.exc_info = record.exc_text = None
+        text = re.sub(r'"requestId": "[^"]*"', "", record.getMessage())  # unique per request
+        return self.limiter.ready((record.name, text[:160]))
+
+
 def consumer_config(settings):
-    from aliyun.log.consumer import CursorPosition, LogHubConfig
     start = settings.sls_cursor_start
     position = {"begin": CursorPosition.BEGIN_CURSOR, "end": CursorPosition.END_CURSOR}.get(
         start, CursorPosition.SPECIAL_TIMER_CURSOR)
     return LogHubConfig(
-        settings.sls_endpoint, settings.sls_access_key_id, settings.sls_access_key_secret,
-        settings.sls_project, settings.sls_logstore, settings.sls_consumer_group,
+        settings.sls_endpoint, settings.sls_ak_id, settings.sls_ak_key,
+        settings.sls_project, settings.sls_logstore, settings.sls_cg,
         settings.sls_consumer_name, cursor_position=position,
         cursor_start_time=start if position == CursorPosition.SPECIAL_TIMER_CURSOR else None,
         cursor_end_time=settings.sls_cursor_end or None,
@@ -1808,6 +1956,62 @@ def consumer_config(settings):
         max_fetch_log_group_size=settings.sls_max_fetch_groups,
         worker_pool_size=settings.sls_worker_pool_size,
         security_token=settings.sls_sts_token or None)
+
+
+# ------------------------------------------------------------------------------------------------
+# The SDK internals this file relies on
+# ------------------------------------------------------------------------------------------------
+# requirements.txt pins the SDK to the version tested here. The classes above hook into parts of it
+# that are not its public interface; each is listed below, checked at start (check_sdk: exit 1 with
+# one line if one is gone) and proved in use by tests/test_sdk_canaries.py, which fails if the SDK
+# stops using it. To upgrade the SDK: change the pin, run those tests (README.md, "Upgrading the SDK").
+
+SDK_TESTED_VERSION = "0.9.52"
+
+
+def sdk_internals():
+    """[(what this file relies on, SDK class, its method, attribute names that method's code must
+    use)] for every SDK internal relied on."""
+    return [
+        ("a shard consumer hands each pull to its processor's _preprocessor (read_pull)",
+         ShardConsumerWorker, "__init__", {"_preprocessor"}),
+        ("PullLogResponse keeps the uncompressed body in _raw_uncompressed_body (read_pull)",
+         PullLogResponse, "__init__", {"_raw_uncompressed_body"}),
+        ("ConsumerWorker.run calls clean_shard_consumer once per round and stops on shut_down_flag",
+         ConsumerWorker, "run", {"clean_shard_consumer", "shut_down_flag"}),
+        ("ConsumerWorker keeps shard_consumers, heart_beat and consumer_client",
+         ConsumerWorker, "__init__", {"shard_consumers", "heart_beat", "consumer_client"}),
+        ("a new shard consumer takes the worker's consumer_client",
+         ConsumerWorker, "_get_shard_consumer", {"consumer_client"}),
+        ("the heartbeat keeps mheld_shards and mheart_shards under lock",
+         ConsumerHeatBeat, "__init__", {"mheld_shards", "mheart_shards", "lock"}),
+        ("the heartbeat's remove_heart_shard changes both lists",
+         ConsumerHeatBeat, "remove_heart_shard", {"mheld_shards", "mheart_shards", "lock"}),
+        ("the checkpoint tracker's lock, last_persistent_checkpoint and consumer_group_client",
+         ConsumerCheckpointTracker, "__init__",
+         {"lock", "last_persistent_checkpoint", "consumer_group_client", "shard_id", "consumer_name"}),
+        ("the checkpoint tracker's set_persistent_check_point",
+         ConsumerCheckpointTracker, "set_persistent_check_point", {"last_persistent_checkpoint"}),
+        ("the SDK tells each processor its shard_id",
+         ConsumerProcessorBase, "initialize", {"shard_id"}),
+    ]
+
+
+def check_sdk():
+    """None if the installed SDK has every internal this file relies on, else one line saying what
+    is missing or changed."""
+    if SDK_IMPORT_ERROR is not None:
+        return (f"the Alibaba Cloud SLS SDK cannot be imported ({SDK_IMPORT_ERROR}); install it with "
+                f"pip install -r requirements.txt (aliyun-log-python-sdk=={SDK_TESTED_VERSION})")
+    for what, owner, method, names in sdk_internals():
+        code = getattr(getattr(owner, method, None), "__code__", None)
+        missing = sorted(names - set(code.co_names)) if code else [method]
+        if missing:
+            return (f"aliyun-log-python-sdk {SDK_VERSION} no longer has what this file relies on: {what} "
+                    f"({owner.__name__}.{method} lacks {', '.join(missing)}); it was tested with "
+                    f"{SDK_TESTED_VERSION}: install that (pip install -r requirements.txt) or see "
+                    "README.md, 'Upgrading the SDK'")
+    return None
 
 
 # ================================================================================================
@@ -1832,23 +2036,22 @@ def stopped(stop, seconds):
 def run(settings):
     """Consume until stopped; returns the exit status."""
     stop = stop_on_signals()
-    from aliyun.log.consumer.exceptions import ClientWorkerException
     forwarder = Forwarder(settings, stop)
     config = consumer_config(settings)
     try:
-        worker = make_worker_class()(make_processor_class(), config, args=(forwarder,))
+        worker = WafConsumerWorker(WafLogProcessor, config, args=(forwarder,))
     except ClientWorkerException as exc:
-        log.error("cannot join consumer group %s of %s/%s: %s", settings.sls_consumer_group,
+        log.error("cannot join consumer group %s of %s/%s: %s", settings.sls_cg,
                   settings.sls_project, settings.sls_logstore, exc)
         return EXIT_FAILURE
     # Shard consumers take their client from the worker when they start: give them the resilient one.
-    client = make_consumer_client_class()(
+    client = ResilientConsumerClient(
         config.endpoint, config.accessKeyId, config.accessKey, config.project, config.logstore,
         config.consumer_group_name, config.consumer_name, config.securityToken)
     worker.consumer_client = client
     log.info("*** start to consume data...")
     log.info("consumer %s of group %s on %s/%s -> %s %s:%d", settings.sls_consumer_name,
-             settings.sls_consumer_group, settings.sls_project, settings.sls_logstore,
+             settings.sls_cg, settings.sls_project, settings.sls_logstore,
              settings.syslog_protocol, settings.syslog_host, settings.syslog_port)
     worker.start()
     threading.Thread(target=forwarder.flush_checkpoints, name="checkpoints", daemon=True).start()
@@ -1864,7 +2067,7 @@ def run(settings):
     forwarder.delivery.close()
     if not client.save_unsaved():
         log.error("some checkpoints could not be saved in SLS; their logs will be sent again next time")
-    if settings.stats_interval:
+    if settings.sync_stats_interval:
         log.info(forwarder.stats.line())
     log.info("stopped")
     return status
@@ -1876,7 +2079,7 @@ def supervise(settings, worker, forwarder, stop):
     The thread's loop goes round every SLS_FETCH_INTERVAL (the work itself runs in the pool), so a
     loop that has not gone round for 10 heartbeat intervals is stuck, and its shards, which the
     heartbeat keeps holding, would be read by nobody."""
-    next_stats = time.monotonic() + (settings.stats_interval or float("inf"))
+    next_stats = time.monotonic() + (settings.sync_stats_interval or float("inf"))
     stuck_after = 10 * settings.sls_heartbeat_interval
     last_check = time.monotonic()
     while not stopped(stop, 0.5):
@@ -1898,30 +2101,27 @@ def supervise(settings, worker, forwarder, stop):
             os._exit(EXIT_FAILURE)  # a stuck thread cannot be joined, and would hold up a normal exit
         if now >= next_stats:
             log.info(forwarder.stats.line())
-            next_stats += settings.stats_interval
+            next_stats += settings.sync_stats_interval
     return EXIT_OK
 
 
 def sls_client(settings):
     """A plain SDK LogClient (no consumer group) for --check, --dry-run and counting shards."""
-    from aliyun.log import LogClient
-    return LogClient(settings.sls_endpoint, settings.sls_access_key_id,
-                     settings.sls_access_key_secret, settings.sls_sts_token or None)
+    return LogClient(settings.sls_endpoint, settings.sls_ak_id, settings.sls_ak_key,
+                     settings.sls_sts_token or None)
 
 
 def check(settings):
     """--check: one verdict line per check; 0 when all pass, 1 otherwise."""
-    from aliyun.log.logexception import LogException
-
     results = []
     client = sls_client(settings)
     try:
         shards = client.list_shards(settings.sls_project, settings.sls_logstore).get_shards_info()
         groups = client.list_consumer_group(settings.sls_project, settings.sls_logstore).get_consumer_groups()
         names = [g.get_consumer_group_name() for g in groups]
-        state = "exists" if settings.sls_consumer_group in names else "will be created"
+        state = "exists" if settings.sls_cg in names else "will be created"
         results.append((True, f"SLS {settings.sls_project}/{settings.sls_logstore}: {len(shards)} shards, "
-                              f"consumer group {settings.sls_consumer_group} {state}"))
+                              f"consumer group {settings.sls_cg} {state}"))
     except LogException as exc:
         results.append((False, f"SLS {settings.sls_project}/{settings.sls_logstore}: "
                                f"{exc.get_error_code()}: {exc.get_error_message()}"))
@@ -1943,15 +2143,13 @@ def check(settings):
 def dry_run(settings):
     """--dry-run: print the next messages of every shard (from the group's checkpoints, or from
     SLS_CURSOR_START) up to the current end of each shard; join no group, save nothing."""
-    from aliyun.log.logexception import LogException
-
     client = sls_client(settings)
     encoder = MessageEncoder(settings)
     project, logstore = settings.sls_project, settings.sls_logstore
     try:
         checkpoints = {}
         try:
-            for item in client.get_check_point(project, logstore, settings.sls_consumer_group) \
+            for item in client.get_check_point(project, logstore, settings.sls_cg) \
                     .get_consumer_group_check_points() or []:
                 checkpoints[item["shard"]] = item["checkpoint"]
         except LogException as exc:
@@ -1966,7 +2164,7 @@ def dry_run(settings):
             while cursor != end:
                 response = client.pull_logs(project, logstore, shard_id, cursor,
                                             count=settings.sls_max_fetch_groups, end_cursor=end)
-                messages = encoder.encode(read_pull(response))[0]
+                messages = encoder.encode(read_pull(response)).messages
                 for message in messages:
                     sys.stdout.buffer.write(message + b"\n")
                 if response.get_next_cursor() == cursor:
@@ -1983,9 +2181,8 @@ def dry_run(settings):
 
 def worker_count(settings):
     """SYNC_WORKERS as a number: "auto" is one process per CPU core, but no more than shards."""
-    if settings.workers != "auto":
-        return settings.workers
-    from aliyun.log.logexception import LogException
+    if settings.sync_workers != "auto":
+        return settings.sync_workers
     cores = os.cpu_count() or 1
     try:
         shards = len(sls_client(settings).list_shards(settings.sls_project, settings.sls_logstore)
@@ -1998,7 +2195,6 @@ def worker_count(settings):
 
 def die_with_parent():
     """In a worker process: get SIGTERM if the supervisor dies, so no worker is left orphaned."""
-    import ctypes
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -2012,13 +2208,13 @@ def run_workers(settings, count, environment):
 
     def start(name):
         env = dict(environment, SLS_CONSUMER_NAME=name, SYNC_WORKERS="1",
-                   SYNC_LOCK_FILE=f"{settings.lock_file}.{safe_file_name(name)}")
+                   SYNC_LOCK_FILE=f"{settings.sync_lock_file}.{safe_file_name(name)}")
         children[name] = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
                                           stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         started[name] = time.monotonic()
         log.info("started worker %s (pid %d)", name, children[name].pid)
 
-    log.info("*** starting %d workers in consumer group %s", count, settings.sls_consumer_group)
+    log.info("*** starting %d workers in consumer group %s", count, settings.sls_cg)
     for name in names:
         start(name)
     restart_at = {}
@@ -2072,11 +2268,11 @@ def acquire_lock(path):
 
 def setup_logging(settings):
     handlers = [logging.StreamHandler(sys.stderr)]
-    if settings.log_file:
+    if settings.sync_log_file:
         # Reopened when logrotate has moved it away (its default, "create"); safe with --workers,
         # whose processes all write this file.
-        handlers.append(logging.handlers.WatchedFileHandler(settings.log_file))
-    logging.basicConfig(level=settings.log_level, handlers=handlers, force=True,
+        handlers.append(logging.handlers.WatchedFileHandler(settings.sync_log_file))
+    logging.basicConfig(level=settings.sync_log_level, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s [%(process)d] %(message)s")
     # The SDK is chatty at INFO and repeats each failing request: keep its warnings, once a minute.
     logging.getLogger("aliyun").setLevel(logging.WARNING)
@@ -2122,14 +2318,18 @@ def main(argv=None):
             print(f"setting error: {problem}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     setup_logging(settings)
+    sdk_problem = check_sdk()
+    if sdk_problem:
+        log.error("%s", sdk_problem)
+        return EXIT_FAILURE
     if args.check:
         return check(settings)
     if args.dry_run:
         return dry_run(settings)
-    lock, holder = acquire_lock(settings.lock_file)
+    lock, holder = acquire_lock(settings.sync_lock_file)
     if lock is None:
         print(f"another instance is running (pid {holder}) for consumer {settings.sls_consumer_name}; "
-              f"lock {settings.lock_file}", file=sys.stderr)
+              f"lock {settings.sync_lock_file}", file=sys.stderr)
         return EXIT_OK
     count = worker_count(settings)
     return run_workers(settings, count, environment) if count > 1 else run(settings)
@@ -2137,3 +2337,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+

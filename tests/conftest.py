@@ -13,6 +13,21 @@ from tests.sls_emulator import EmulatorProcess  # noqa: E402
 from tests.waf_logs import hostile_logs, realistic_logs, write_jsonl  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs the forwarder, a consumer group or rsyslogd for real "
+                                       "(seconds each); the quick check leaves these out")
+    config.addinivalue_line("markers", "rsyslog: needs a real rsyslogd (apt-get install rsyslog "
+                                       "rsyslog-gnutls rsyslog-openssl rsyslog-relp)")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use the shared rsyslogd are marked rsyslog and slow by that alone."""
+    for item in items:
+        if "rsyslog" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.rsyslog)
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"))

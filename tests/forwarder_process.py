@@ -94,15 +94,16 @@ class ForwarderProcess:
         raise AssertionError(f"{text!r} not in the forwarder's log:\n{self.stderr()[-3000:]}")
 
 
-def patched(code):
-    """python_args for ForwarderProcess that import the forwarder as the module `fwd`, run `code`
-    (which changes the interpreter or `fwd`, e.g. to inject a fault), then the forwarder's main()."""
-    return ["-c", f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import sync_waf_to_syslog as fwd\n"
-                  f"{code}\nsys.exit(fwd.main())\n"]
+def with_fault(name, *args):
+    """python_args for ForwarderProcess: the forwarder with the change tests/injected_faults.py's
+    `name`(fwd, *args) makes to it (or to the interpreter), then its main()."""
+    return ["-c", f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r})\n"
+                  "import sync_waf_to_syslog as fwd, tests.injected_faults as faults\n"
+                  f"faults.{name}(fwd, *{args!r})\nsys.exit(fwd.main())\n"]
 
 
-def run_forwarder(env, workdir, args=(), timeout=60):
+def run_forwarder(env, workdir, args=(), timeout=60, python_args=None):
     """Run to completion: (exit status, stdout, stderr)."""
-    fwd = ForwarderProcess(env, workdir, args).start()
+    fwd = ForwarderProcess(env, workdir, args, python_args).start()
     status = fwd.wait(timeout)
     return status, fwd.stdout(), fwd.stderr()

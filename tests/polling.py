@@ -13,3 +13,14 @@ def wait_until(condition, what, timeout=60):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)
+
+
+def poll(read, done, timeout=60, interval=0.1):
+    """Call read() until done(value) holds or `timeout` seconds passed; return the last value, for
+    the caller to judge (a loss report, records that arrived)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

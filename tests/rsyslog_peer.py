@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import json
 import os
 import re
@@ -87,6 +88,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from tests.pki import Pki
+from tests.polling import poll
 
 LOOPBACK = "127.0.0.1"
 # Big enough for a maximal UDP datagram (65,507 bytes) and then some.
@@ -217,6 +219,14 @@ def _die_with_parent() -> None:
     """In the child: get SIGKILLed if the test runner dies, so no rsyslogd is orphaned."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_tags = itertools.count()
+
+
+def unique_tag() -> str:
+    """An app-name (SYSLOG_TAG) no other test uses, to tell a test's records apart in the shared rsyslogd."""
+    return f"e2e{next(_tags)}t{int(time.time() * 1000) % 100000}"
 
 
 class Rsyslog:
@@ -376,20 +386,25 @@ class Rsyslog:
         self, count: int, timeout: float = 30.0, where: Optional[Callable[[dict], bool]] = None
     ) -> list[dict]:
         """Poll until at least ``count`` records (those matching ``where``, if given) arrived; return them."""
-        deadline = time.monotonic() + timeout
-        while True:
+        def matching() -> list[dict]:
+            return [record for record in self.records() if where is None or where(record)]
+
+        found = poll(matching, lambda records: len(records) >= count, timeout, POLL_INTERVAL)
+        if len(found) < count:
             received = self.records()
-            matching = received if where is None else [record for record in received if where(record)]
-            if len(matching) >= count:
-                return matching
-            if time.monotonic() > deadline:
-                last_records = "\n".join(json.dumps(record)[:500] for record in received[-3:]) or "(none)"
-                raise TimeoutError(
-                    f"expected >= {count} {'matching ' if where else ''}records within {timeout} s, "
-                    f"got {len(matching)} of {len(received)} received; last received:\n{last_records}\n"
-                    f"rsyslogd stderr:\n{self.stderr_text()}"
-                )
-            time.sleep(POLL_INTERVAL)
+            last_records = "\n".join(json.dumps(record)[:500] for record in received[-3:]) or "(none)"
+            raise TimeoutError(
+                f"expected >= {count} {'matching ' if where else ''}records within {timeout} s, "
+                f"got {len(found)} of {len(received)} received; last received:\n{last_records}\n"
+                f"rsyslogd stderr:\n{self.stderr_text()}"
+            )
+        return found
+
+    def tagged(self, tag: str, count: int, timeout: float = 60.0) -> list[dict]:
+        """The records whose app-name is ``tag``, once there are ``count`` of them or ``timeout``
+        seconds passed (then possibly fewer: the caller's assertions say what is missing)."""
+        return poll(lambda: [record for record in self.records() if record["appname"] == tag],
+                    lambda records: len(records) >= count, timeout, 0.2)
 
     def wait_for_stderr(self, text: str, timeout: float = 30.0, after: int = 0) -> str:
         """Poll until ``text`` appears in stderr past character offset ``after``; return stderr from there.

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.throughput import summarise_py_spy
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "throughput.py"
@@ -42,7 +46,7 @@ def test_quick_run_measures_every_variant_on_every_log(tmp_path):
         "sdk_protobuf_parse", "baseline_parse_flatten_format", "forwarder_read_and_encode",
         "forwarder_read_and_encode_varying_keys"}
     assert all(rate > 0 for rate in report["encoder"]["logs_per_s"].values())
-    assert set(report["encoder"]["logs_per_s_by_encoding"]) == {"kv", "json", "cef", "leef"}
+    assert set(report["encoder"]["logs_per_s_by_encoding"]) == {"kv", "json", "cef", "leef", "kv_with_edited_customize"}
     assert all(rate > 0 for rate in report["encoder"]["logs_per_s_by_encoding"].values())
     assert report["encoder_profile"]["forwarder"]["top_own_time"]
     assert "latency" not in report

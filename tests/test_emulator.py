@@ -18,6 +18,8 @@ from tests.sls_emulator import EmulatorProcess, SlsEmulator, log_client
 from tests.waf_logs import hostile_logs, realistic_logs, write_jsonl
 from tests.polling import wait_until
 
+pytestmark = pytest.mark.slow
+
 PROJECT, LOGSTORE = "waf-project", "waf-logstore"
 AKID, SECRET = "test-akid", "test-secret"
 

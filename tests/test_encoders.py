@@ -9,17 +9,9 @@ import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 import sync_waf_to_syslog as fwd
+from tests.encoding import RFC5424, encode, make_settings
 from tests.kv import parse_kv
 from tests.waf_logs import expected_fields, hostile_logs, log_group_list, pull_body, realistic_logs
-
-RFC5424 = re.compile(rb"<(\d{1,3})>1 (\S+) (\S+) (\S+) (\S+) (\S+) (\S+) (.*)\Z", re.S)
-BASE_ENV = dict(SLS_ENDPOINT="sls.example.test", SLS_AK_ID="id", SLS_AK_KEY="secret",
-                SLS_PROJECT="p", SLS_LOGSTORE="l", SYSLOG_HOST="syslog.example.test")
-
-
-def make_settings(**env):
-    return fwd.Settings.from_environment({**BASE_ENV, **env})
-
 
 # --- key=value escaping -------------------------------------------------------------------------
 
@@ -98,13 +90,9 @@ def test_rfc3164_day_is_space_padded():
 
 # --- whole messages -----------------------------------------------------------------------------
 
-def encode(logs, **env):
-    return fwd.MessageEncoder(make_settings(**env), procid=4242).encode(fwd.read_log_groups(pull_body(logs)))
-
-
 def test_every_hostile_log_gives_exactly_one_well_formed_rfc5424_message():
     logs = hostile_logs()
-    messages, newest, truncated = encode(logs, SYSLOG_HOSTNAME="fwd-host", SYSLOG_TAG="waf",
+    messages, newest, truncated, _ = encode(logs, SYSLOG_HOSTNAME="fwd-host", SYSLOG_TAG="waf",
                                          SYSLOG_FACILITY="local4", SYSLOG_SEVERITY="notice")
     assert len(messages) == len(logs) and truncated == 0
     assert newest == max(int(entry["__time__"]) for entry in logs)
@@ -120,7 +108,7 @@ def test_every_hostile_log_gives_exactly_one_well_formed_rfc5424_message():
 
 def test_rfc3164_messages_keep_utf8_and_have_the_classic_header():
     logs = hostile_logs()
-    messages, _, _ = encode(logs, SYSLOG_FORMAT="rfc3164", SYSLOG_HOSTNAME="fwd", SYSLOG_TAG="waf")
+    messages = encode(logs, SYSLOG_FORMAT="rfc3164", SYSLOG_HOSTNAME="fwd", SYSLOG_TAG="waf").messages
     for entry, message in zip(logs, messages):
         match = re.match(rb"<14>([A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) fwd waf: (.*)\Z", message, re.S)
         assert match, message[:100]
@@ -150,7 +138,7 @@ def test_separator_setting_changes_the_body():
 @pytest.mark.parametrize("max_size", [480, 2048, 8192])
 def test_oversized_logs_are_cut_to_fit_and_still_parse(max_size):
     logs = [entry for entry in hostile_logs() if entry["request_traceid"] in ("hostile-huge", "hostile-huge_utf8")]
-    messages, _, truncated = encode(logs, SYSLOG_MAX_MESSAGE_SIZE=str(max_size))
+    messages, _, truncated, _ = encode(logs, SYSLOG_MAX_MESSAGE_SIZE=str(max_size))
     assert truncated == len(logs)
     for entry, message in zip(logs, messages):
         assert len(message) <= max_size
@@ -229,20 +217,52 @@ SELECTIONS = [dict(SYSLOG_FIELDS_EXCLUDE="b*"), dict(SYSLOG_FIELDS_INCLUDE="a*,_
 NAMES = st.sampled_from([b"a", b"b", b"ab", b"ba", b"%s", b"a=b", b"b\n", b"\xff"])
 
 
+STATIC = ["", "env=prod", "a=x|y,b=%s\\", "e==,n="]
+
+
 @hypothesis_settings(max_examples=200, deadline=None)
 @given(logs=st.lists(st.lists(st.tuples(NAMES, RAW_TEXT), max_size=6), min_size=1, max_size=3),
-       selection=st.sampled_from(SELECTIONS), separator=SEPARATORS)
-def test_selected_fields_from_pulled_bytes_equal_the_reference_encoder(logs, selection, separator):
-    """Field selection on the fast path: the same as selecting the fields, then encode_kv."""
-    settings = make_settings(SYSLOG_SEP=separator, **selection)
+       selection=st.sampled_from(SELECTIONS), static=st.sampled_from(STATIC), separator=SEPARATORS)
+def test_fast_kv_path_equals_the_reference_with_selection_and_static_fields(logs, selection, static, separator):
+    """Field selection and static fields on the fast path: the same as the static fields, then the
+    selected fields, through encode_kv; and the same as the encoder's own reference path."""
+    settings = make_settings(SYSLOG_SEP=separator, SYSLOG_STATIC_FIELDS=static, **selection)
     encoder = fwd.MessageEncoder(settings, procid=1)
-    messages = encoder.encode(fwd.read_log_groups(pull_of(logs)))[0]
+    assert encoder.fast_kv
+    groups = fwd.read_log_groups(pull_of(logs))
+    messages = encoder.encode(groups).messages
     select = fwd.field_selector(settings.syslog_fields_include, settings.syslog_fields_exclude,
                                 settings.syslog_fields_rename)
     for i, (pairs, message) in enumerate(zip(logs, messages)):
         fields = [("__topic__", "t"), ("__source__", "src")] + [(text(k), text(v)) for k, v in pairs]
-        body = fwd.encode_kv(fwd.select_fields(fields, select), separator)
+        body = fwd.encode_kv(list(settings.syslog_static_fields) + fwd.select_fields(fields, select), separator)
         assert message == (encoder.header(1_795_000_000 + i, 0) + body).encode()
+    encoder.fast_kv = False
+    assert encoder.encode(groups).messages == messages
+
+
+def test_truncation_encodes_a_log_a_logarithmic_number_of_times():
+    """fit_message on a log of 100,000 fields and on one with a 1 MB value: each try encodes the whole
+    body, and the tries grow with the logarithm of the fields and of the longest value."""
+    calls = []
+
+    def counted(fields):
+        calls.append(len(fields))
+        return fwd.encode_kv(fields, ",")
+
+    head = b"<14>1 - h a - - - "
+    many = [(f"field{i}", "value") for i in range(100_000)]
+    message, cut = fwd.fit_message(head, many, counted, 65507)
+    assert cut and len(message) <= 65507 and len(calls) <= 60
+    fields = parse_kv(message[len(head):].decode(), ",")
+    # Not even the keys fit: values cut to "...", then as many fields as fit, from the first.
+    assert fields == [(key, "...") for key, _ in many[:len(fields)]] and len(fields) > 4000
+    calls.clear()
+    huge = [("a", "1"), ("request_body", "\u00fc" * 500_000), ("z", "2")]
+    message, cut = fwd.fit_message(head, huge, counted, 65507)
+    assert cut and 65000 < len(message) <= 65507 and len(calls) <= 60
+    fields = parse_kv(message[len(head):].decode(), ",")
+    assert [k for k, _ in fields] == ["a", "request_body", "z"] and fields[1][1].endswith("...")
 
 
 def test_reading_a_pull_gives_what_the_sdk_parses():
@@ -293,7 +313,7 @@ def pull_response(raw):
 def test_the_processor_reads_the_pull_body_without_the_sdks_parse():
     raw = pull_body(realistic_logs(3))
     forwarder = fwd.Forwarder(make_settings(), stop=None)
-    processor = fwd.make_processor_class()(forwarder)
+    processor = fwd.WafLogProcessor(forwarder)
     response = pull_response(raw)
     groups = processor._preprocessor(response)
     assert response._raw_uncompressed_body is raw  # the SDK did not parse it (it drops the body when it does)

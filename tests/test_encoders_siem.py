@@ -18,19 +18,14 @@ from tests.cef import parse_cef, unescape_value
 from tests.forwarder_process import ForwarderProcess, forwarder_env
 from tests.kv import parse_kv
 from tests.leef import parse_leef
-from tests.test_encoders import RFC5424, make_settings
-from tests.test_end_to_end import assert_checkpoints_at_end, unique_tag, wait_for_records
+from tests.rsyslog_peer import unique_tag
+from tests.checkpoints import assert_checkpoints_at_end
+from tests.encoding import RFC5424, bodies, make_settings
 from tests.waf_logs import expected_fields, hostile_logs, pull_body, realistic_logs, write_jsonl
 
 LOGS = realistic_logs(200, seed=11) + hostile_logs()
 SEVERITY = {"block": "8", "captcha": "5", "js": "5", "": "2"}  # the actions in tests/waf_logs.py
 _C0_BUT_TAB_LF_CR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
-
-
-def bodies(logs, **env):
-    """The MSG of each log's message, as text."""
-    messages, _, _ = fwd.MessageEncoder(make_settings(**env), procid=4242).encode(fwd.read_log_groups(pull_body(logs)))
-    return [RFC5424.match(message).group(8).decode("utf-8") for message in messages]
 
 
 # --- what each encoding should carry, computed from the log independently of the encoders --------
@@ -265,7 +260,7 @@ PARSERS = {  # encoding -> (MSG -> [(key, value)], log -> the [(key, value)] it 
 @pytest.mark.parametrize("max_size", [480, 2048, 8192])
 def test_cut_messages_stay_well_formed(encoding, max_size):
     logs = [entry for entry in LOGS if entry["request_traceid"] in ("hostile-huge", "hostile-huge_utf8")]
-    messages, _, truncated = fwd.MessageEncoder(
+    messages, _, truncated, _ = fwd.MessageEncoder(
         make_settings(SYSLOG_ENCODING=encoding, SYSLOG_MAX_MESSAGE_SIZE=str(max_size)), procid=1) \
         .encode(fwd.read_log_groups(pull_body(logs)))
     assert truncated == len(logs)
@@ -307,7 +302,7 @@ def test_only_the_configured_topics_are_sent_yet_every_log_counts():
              for i, entry in enumerate(realistic_logs(5, seed=3, start_time=2_000_000_000))]
     logs = LOGS[:10] + other + LOGS[10:20]
     encoder = fwd.MessageEncoder(make_settings(SLS_TOPICS="waf_access_log, waf_more_log"), procid=1)
-    messages, newest, _ = encoder.encode(fwd.read_log_groups(pull_body(logs)))
+    messages, newest, _, _ = encoder.encode(fwd.read_log_groups(pull_body(logs)))
     sent = [dict(parse_kv(RFC5424.match(m).group(8).decode(), ","))["request_traceid"] for m in messages]
     assert sent == [entry["request_traceid"] for entry in LOGS[:20]]
     assert newest == 2_000_000_000  # the skipped logs are the newest: they count as done
@@ -340,9 +335,9 @@ def test_rsyslog_receives_exactly_what_the_encoder_makes(variant, rsyslog, waf_d
         RFC5424.match(message).group(8).decode("utf-8")
         for message in fwd.MessageEncoder(fwd.Settings.from_environment(env)).encode(fwd.read_log_groups(pull_body(logs)))[0])
     with ForwarderProcess(env, tmp_path) as forwarder:
-        records = wait_for_records(rsyslog, tag, sum(expected.values()))
+        records = rsyslog.tagged(tag, sum(expected.values()))
         assert forwarder.stop() == 0, forwarder.stderr()[-2000:]
-    records = wait_for_records(rsyslog, tag, len(records) + 1, timeout=1)  # nothing more arrives
+    records = rsyslog.tagged(tag, len(records) + 1, timeout=1)  # nothing more arrives
     assert collections.Counter(record["msg"] for record in records) == expected
     assert sum(expected.values()) == len(waf_data[0])
     assert_checkpoints_at_end(emulator)

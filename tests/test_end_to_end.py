@@ -4,53 +4,18 @@ For every protocol, every realistic and hostile WAF log must arrive exactly as o
 parsed fields (hostname, app-name, timestamp, msg) are the expected ones, and after SIGTERM the
 group's checkpoints must equal each shard's end cursor."""
 import datetime
-import itertools
 import time
 
 import pytest
 
-from tests.forwarder_process import ForwarderProcess, SCRIPT, forwarder_env, patched, run_forwarder
+from tests.checkpoints import assert_checkpoints_at_end, checkpoints_not_moved, group_state
+from tests.delivered import assert_delivered_exactly
+from tests.forwarder_process import ForwarderProcess, SCRIPT, forwarder_env, run_forwarder, with_fault
 from tests.kv import parse_kv
+from tests.rsyslog_peer import unique_tag
 from tests.waf_logs import expected_fields, realistic_logs, write_jsonl
 
-_tags = itertools.count()
-
-
-def unique_tag():
-    return f"e2e{next(_tags)}t{int(time.time() * 1000) % 100000}"
-
-
-def wait_for_records(rsyslog, tag, count, timeout=60):
-    deadline = time.monotonic() + timeout
-    while True:
-        records = [r for r in rsyslog.records() if r["appname"] == tag]
-        if len(records) >= count or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
-
-
-def group_state(emulator, group="test-group"):
-    logstore = emulator.state()["logstores"][emulator.logstore]
-    return logstore["shards"], logstore.get("consumer_groups", {}).get(group, {})
-
-
-def assert_checkpoints_at_end(emulator):
-    shards, group = group_state(emulator)
-    assert group["checkpoints"] == {sid: s["end_cursor"] for sid, s in shards.items()}
-
-
-def assert_delivered_exactly(records, logs, hostname, separator=","):
-    by_id = {}
-    for record in records:
-        fields = parse_kv(record["msg"], separator)
-        by_id.setdefault(dict(fields)["request_traceid"], []).append((record, fields))
-    assert sorted(by_id) == sorted(entry["request_traceid"] for entry in logs)
-    for entry in logs:
-        [(record, fields)] = by_id[entry["request_traceid"]]
-        assert fields == expected_fields(entry)
-        assert record["hostname"] == hostname
-        assert datetime.datetime.fromisoformat(record["timestamp"]).timestamp() == int(entry["__time__"])
-
+pytestmark = pytest.mark.slow
 
 # Protocol variants: (rsyslog input, SYSLOG_PROTOCOL, extra settings).
 VARIANTS = {
@@ -75,13 +40,13 @@ def test_every_log_arrives_parsed_over_each_protocol(variant, rsyslog, pki, waf_
         settings.update(SYSLOG_CLIENT_CERT=pki.client_cert, SYSLOG_CLIENT_KEY=pki.client_key)
     env = forwarder_env(emulator, port=rsyslog.ports[inputs], protocol=protocol, **settings)
     # TLS must work where ssl.wrap_socket no longer exists (Python 3.12+): remove it here.
-    without_wrap_socket = patched("import ssl; ssl.__dict__.pop('wrap_socket', None)")
+    without_wrap_socket = with_fault("without_wrap_socket")
     with ForwarderProcess(env, tmp_path, python_args=without_wrap_socket) as forwarder:
-        wait_for_records(rsyslog, tag, len(logs))
+        rsyslog.tagged(tag, len(logs))
         assert forwarder.stop() == 0, forwarder.stderr()[-2000:]
     assert "*** start to consume data..." in forwarder.stderr()
     assert "Complete send data to remote" in forwarder.stderr()
-    assert_delivered_exactly(wait_for_records(rsyslog, tag, len(logs), timeout=1), logs, "fwd-e2e")
+    assert_delivered_exactly(rsyslog.tagged(tag, len(logs), timeout=1), logs, "fwd-e2e")
     assert_checkpoints_at_end(emulator)
 
 
@@ -93,7 +58,7 @@ def test_rfc3164_and_a_custom_separator(rsyslog, waf_data, make_emulator, tmp_pa
                         SYSLOG_HOSTNAME="fwd3164", SYSLOG_SEP="||", SYSLOG_FACILITY="local3",
                         SYSLOG_SEVERITY="warning")
     with ForwarderProcess(env, tmp_path) as forwarder:
-        records = wait_for_records(rsyslog, tag, len(logs))
+        records = rsyslog.tagged(tag, len(logs))
         assert forwarder.stop() == 0
     assert len(records) == len(logs)
     assert {(r["facility"], r["severity"], r["hostname"]) for r in records} == {(19, 4, "fwd3164")}
@@ -114,11 +79,8 @@ def test_a_certificate_for_another_host_is_refused(rsyslog, pki, waf_data, make_
     with ForwarderProcess(env, tmp_path) as forwarder:
         forwarder.wait_for_log("CERTIFICATE_VERIFY_FAILED")
         assert forwarder.stop() == 0
-    assert wait_for_records(rsyslog, tag, 1, timeout=0.5) == []
-    shards, group = group_state(emulator)
-    # Nothing was delivered: a checkpoint, if saved at all, is still the start of its shard.
-    for shard, cursor in group.get("checkpoints", {}).items():
-        assert cursor == shards[shard]["begin_cursor"]
+    assert rsyslog.tagged(tag, 1, timeout=0.5) == []
+    assert checkpoints_not_moved(emulator)  # nothing was delivered: no checkpoint past a shard's start
 
 
 def test_check_reports_each_part(rsyslog, pki, make_emulator, tmp_path):
@@ -152,8 +114,7 @@ def test_dry_run_prints_messages_and_saves_nothing(make_emulator, waf_data, tmp_
     assert status == 0, err
     lines = out.splitlines()
     assert len(lines) == len(logs) and all(line.startswith("<14>1 ") for line in lines)
-    _, group = group_state(emulator)
-    assert group == {}  # no consumer group joined, no checkpoint written
+    assert group_state(emulator) == {}  # no consumer group joined, no checkpoint written
 
 
 def test_a_second_instance_exits_at_once(make_emulator, rsyslog, tmp_path):
@@ -179,7 +140,7 @@ def test_replay_stops_at_cursor_end(make_emulator, rsyslog, tmp_path):
     status, _, err = run_forwarder(env, tmp_path, timeout=90)
     assert status == 0, err[-2000:]
     assert "replay finished" in err
-    records = wait_for_records(rsyslog, tag, 1, timeout=5)
+    records = rsyslog.tagged(tag, 1, timeout=5)
     times = sorted(int(dict(parse_kv(r["msg"], ","))["start_time"]) for r in records)
     # Cursor times are the receive times of whole log groups: everything before `end` was sent,
     # nothing received a group or more after it.

@@ -11,7 +11,6 @@ realistic_logs() gives ten logs per second that share one receive-time tag, so t
 every ten consecutive logs as one LogGroup, and LogGroups go to the shards round-robin. Small
 SLS_MAX_FETCH_GROUPS values make batches small, so a fault lands mid-stream.
 """
-import base64
 import collections
 import itertools
 import signal
@@ -20,14 +19,16 @@ import time
 
 import pytest
 
-from tests.forwarder_process import ForwarderProcess, forwarder_env, patched, run_forwarder
-from tests.sls_emulator import CURSOR_BASE, SHARD_CURSOR_STRIDE
+from tests.checkpoints import assert_checkpoints_at_end, assignments, checkpoint_positions
+from tests.delivered import assert_delivered, trace_ids
+from tests.forwarder_process import ForwarderProcess, forwarder_env, run_forwarder, with_fault
 from tests.syslog_receiver import SyslogReceiver, ids, loss_report
 from tests.waf_logs import realistic_logs, write_jsonl
 from tests.polling import wait_until
 
+pytestmark = pytest.mark.slow
+
 LOGS_PER_GROUP = 10      # see the module docstring
-GROUP = "test-group"     # forwarder_env's SLS_CG
 HEARTBEAT = 1            # forwarder_env's SLS_HEARTBEAT_INTERVAL; the SDK's group timeout is twice it
 WAIT = 60                # seconds any single wait may take before the test fails
 SDK_IDLE_FLUSH = 30      # the SDK saves a shard's checkpoint once it has had no new data this long
@@ -44,10 +45,6 @@ def fresh_logs(count):
     logs = realistic_logs(count, seed=next(_seeds))
     assert count % LOGS_PER_GROUP == 0, "whole LogGroups keep the shard layout predictable"
     return logs
-
-
-def trace_ids(logs):
-    return [entry["request_traceid"] for entry in logs]
 
 
 def groups_by_shard(logs, shards):
@@ -69,17 +66,9 @@ def received_ids(receiver):
     return set(ids(receiver.messages))
 
 
-def wait_delivered(receiver, expected, forwarders=(), timeout=WAIT):
+def wait_delivered(receiver, expected, forwarders=()):
     """Wait until every id in `expected` reached the receiver (showing the forwarders' logs if not)."""
-    missing = set(expected)
-    deadline = time.monotonic() + timeout
-    while missing:
-        missing -= received_ids(receiver)
-        if time.monotonic() > deadline:
-            logs = "\n".join(f.stderr()[-2500:] for f in forwarders)
-            raise AssertionError(f"{len(missing)} of {len(set(expected))} logs not delivered "
-                                 f"within {timeout} s; forwarder log:\n{logs}")
-        time.sleep(0.1)
+    assert_delivered(lambda: receiver.messages, expected, forwarders, WAIT)
 
 
 def account(name, expected, receiver):
@@ -93,34 +82,6 @@ def account(name, expected, receiver):
 def duplicated_ids(receiver):
     return {trace_id for trace_id, copies in collections.Counter(ids(receiver.messages)).items()
             if copies > 1}
-
-
-def logstore_state(emulator):
-    return emulator.state()["logstores"][emulator.logstore]
-
-
-def group_state(emulator):
-    return logstore_state(emulator)["consumer_groups"].get(GROUP, {})
-
-
-def assignments(emulator):
-    """{consumer name: [shards it holds]} for the live consumers of the group."""
-    return group_state(emulator).get("consumers", {})
-
-
-def checkpoint_positions(emulator):
-    """{shard: index of the LogGroup its stored checkpoint points at}."""
-    positions = {}
-    for shard, cursor in group_state(emulator).get("checkpoints", {}).items():
-        number = int(base64.b64decode(cursor))
-        positions[int(shard)] = number - CURSOR_BASE - int(shard) * SHARD_CURSOR_STRIDE
-    return positions
-
-
-def assert_checkpoints_at_end(emulator):
-    state = logstore_state(emulator)
-    ends = {shard: info["end_cursor"] for shard, info in state["shards"].items()}
-    assert state["consumer_groups"][GROUP]["checkpoints"] == ends
 
 
 def fault_by_id(emulator, fault_id):
@@ -465,17 +426,7 @@ def test_a_stuck_consumer_thread_is_detected_and_the_process_exits_1(make_emulat
     emulator = make_emulator(load=[write_jsonl(tmp_path / "waf.jsonl", logs)], shards=2)
     # Once the logs went out, the worker loop blocks for good in its next round, as a deadlock would.
     stick = tmp_path / "stick"
-    stuck_worker = patched(
-        f"import os, threading\nstick = {str(stick)!r}\n"
-        "make_worker_class = fwd.make_worker_class\n"
-        "def stuck_worker_class():\n"
-        "    class Stuck(make_worker_class()):\n"
-        "        def clean_shard_consumer(self, owned_shards):\n"
-        "            if os.path.exists(stick):\n"
-        "                threading.Event().wait()\n"
-        "            super().clean_shard_consumer(owned_shards)\n"
-        "    return Stuck\n"
-        "fwd.make_worker_class = stuck_worker_class")
+    stuck_worker = with_fault("stuck_worker_loop", str(stick))
     env = forwarder_env(emulator, port=receiver.port, protocol=receiver.protocol)  # heartbeat 1 s
     with ForwarderProcess(env, tmp_path, python_args=stuck_worker) as fwd:
         wait_delivered(receiver, trace_ids(logs), [fwd])

@@ -16,12 +16,15 @@ import time
 
 import pytest
 
-from tests.forwarder_process import ForwarderProcess, forwarder_env, patched
+from tests.checkpoints import assignments, checkpoints_at_end, checkpoints_not_moved, group_state
+from tests.delivered import wait_delivered
+from tests.forwarder_process import ForwarderProcess, forwarder_env, with_fault
 from tests.rsyslog_peer import Rsyslog
 from tests.syslog_receiver import SyslogReceiver, loss_report
-from tests.test_end_to_end import group_state
 from tests.waf_logs import realistic_logs, write_jsonl
 from tests.polling import wait_until
+
+pytestmark = pytest.mark.slow
 
 LOG_COUNT = 2000
 # Pulls of 2 LogGroups (20 logs): many small batches, so every fault lands in mid-stream.
@@ -54,17 +57,6 @@ def rsyslog_messages(peer):
     return [record["msg"].encode("utf-8", "surrogateescape") for record in peer.records()]
 
 
-def wait_until_delivered(received, sent_ids, timeout=DELIVERY_TIMEOUT):
-    """Poll `received()` (a list of messages) until every id in `sent_ids` is there, or time out;
-    return the last messages (the caller's loss accounting reports what is missing)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        messages = received()
-        if loss_report(sent_ids, messages)["lost"] == 0 or time.monotonic() > deadline:
-            return messages
-        time.sleep(0.2)
-
-
 def final_stats(forwarder):
     """(send errors, messages resent) from the forwarder's statistics line at exit."""
     match = re.search(r"send errors (\d+), resent (\d+)", forwarder.stderr())
@@ -81,19 +73,6 @@ def account(fault, sent_ids, messages, forwarder):
           f"lost={report['lost']} duplicates={report['duplicates']} "
           f"send_errors={send_errors} resent={resent} lost_ids={report['lost_ids']}")
     return report
-
-
-def checkpoints_not_moved(emulator):
-    """True while no shard has a checkpoint past its first log (absent or equal to the begin cursor)."""
-    shards, group = group_state(emulator)
-    return all(cursor == shards[shard]["begin_cursor"]
-               for shard, cursor in group.get("checkpoints", {}).items())
-
-
-def checkpoints_at_end(emulator):
-    """True once every shard's checkpoint is its end cursor: everything was processed."""
-    shards, group = group_state(emulator)
-    return group.get("checkpoints") == {shard: s["end_cursor"] for shard, s in shards.items()}
 
 
 def stop_cleanly(forwarder, timeout=30):
@@ -113,11 +92,10 @@ def test_server_down_at_start_no_checkpoint_moves_then_all_arrive(make_emulator,
         while time.monotonic() < outage_end:
             assert checkpoints_not_moved(emulator), group_state(emulator)
             time.sleep(0.5)
-        _, group = group_state(emulator)
-        assert group["consumers"]["test-consumer"], "the forwarder never took its shards"
+        assert assignments(emulator)["test-consumer"], "the forwarder never took its shards"
         assert forwarder.process.poll() is None and receiver.count == 0
         receiver.start_listening()
-        wait_until_delivered(lambda: receiver.messages, sent_ids)
+        wait_delivered(lambda: receiver.messages, sent_ids, DELIVERY_TIMEOUT)
         stop_cleanly(forwarder)
     report = account("server down at start (TCP)", sent_ids, receiver.messages, forwarder)
     assert report["send_errors"] >= 1 and report["resent"] > 0  # the held batch went out late
@@ -131,7 +109,7 @@ def test_receiver_closes_three_times_mid_stream_nothing_lost(make_emulator, tmp_
     emulator, sent_ids = loaded_emulator(make_emulator, tmp_path)
     with SyslogReceiver("tcp", close_after=FAULT_AFTER, close_times=3) as receiver, \
             ForwarderProcess(receiver_env(emulator, receiver), tmp_path) as forwarder:
-        wait_until_delivered(lambda: receiver.messages, sent_ids)
+        wait_delivered(lambda: receiver.messages, sent_ids, DELIVERY_TIMEOUT)
         stop_cleanly(forwarder)
     report = account("receiver closes x3 mid-stream (TCP)", sent_ids, receiver.messages, forwarder)
     stats = receiver.stats()
@@ -154,7 +132,7 @@ def test_receiver_stalls_then_resumes_nothing_lost(syslog_timeout, make_emulator
         assert forwarder.process.poll() is None, forwarder.stderr()[-2000:]
         assert loss_report(sent_ids, receiver.messages)["lost"] > 0, "the stall came too late"
         receiver.resume()
-        wait_until_delivered(lambda: receiver.messages, sent_ids)
+        wait_delivered(lambda: receiver.messages, sent_ids, DELIVERY_TIMEOUT)
         stop_cleanly(forwarder)
     report = account(f"receiver stalls 4 s ({'SYSLOG_TIMEOUT=1' if syslog_timeout else 'no timeout'})",
                      sent_ids, receiver.messages, forwarder)
@@ -195,7 +173,7 @@ def test_sigterm_while_server_down_then_next_run_delivers(make_emulator, tmp_pat
         assert receiver.count == 0
         receiver.start_listening()
         with ForwarderProcess(env, tmp_path) as second_run:
-            wait_until_delivered(lambda: receiver.messages, sent_ids)
+            wait_delivered(lambda: receiver.messages, sent_ids, DELIVERY_TIMEOUT)
             stop_cleanly(second_run)
     report = account("SIGTERM while server down, then next run (TCP)", sent_ids, receiver.messages,
                      second_run)
@@ -212,6 +190,7 @@ RSYSLOG_RESTARTS = {  # id: (rsyslog input and protocol, how it goes down)
 }
 
 
+@pytest.mark.rsyslog
 @pytest.mark.parametrize("variant", RSYSLOG_RESTARTS)
 def test_rsyslogd_restarted_mid_stream(variant, pki, make_emulator, tmp_path):
     """Case 3: a real rsyslogd (of its own, as it is restarted) goes down mid-stream and comes back.
@@ -230,7 +209,7 @@ def test_rsyslogd_restarted_mid_stream(variant, pki, make_emulator, tmp_path):
             before_restart = len(rsyslog_messages(peer))
             forwarder.wait_for_log("cannot send")
             peer.start()
-            wait_until_delivered(lambda: rsyslog_messages(peer), sent_ids)
+            wait_delivered(lambda: rsyslog_messages(peer), sent_ids, DELIVERY_TIMEOUT)
             wait_until(lambda: checkpoints_at_end(emulator), "every checkpoint is at the end", DELIVERY_TIMEOUT)
             stop_cleanly(forwarder)
         messages = rsyslog_messages(peer)
@@ -255,7 +234,7 @@ def test_udp_send_errors_are_counted_and_logged(make_emulator, tmp_path):
         forwarder.wait_for_log("ConnectionRefusedError")
         assert checkpoints_not_moved(emulator), group_state(emulator)
         receiver.start_listening()
-        wait_until_delivered(lambda: receiver.messages, sent_ids)
+        wait_delivered(lambda: receiver.messages, sent_ids, DELIVERY_TIMEOUT)
         wait_until(lambda: checkpoints_at_end(emulator), "every checkpoint is at the end", DELIVERY_TIMEOUT)
         stop_cleanly(forwarder)
     report = account("UDP receiver down, then up", sent_ids, receiver.messages, forwarder)
@@ -269,19 +248,13 @@ def test_unexpected_error_in_a_batch_rolls_it_back_nothing_lost(make_emulator, t
     """The SDK drops a batch whose process() raises; the forwarder must fetch it again instead. Here
     the encoder fails on its first 5 batches (as a bug with some rare log would)."""
     emulator, sent_ids = loaded_emulator(make_emulator, tmp_path, count=400)
-    failing_encoder = patched(
-        "encode, failures = fwd.MessageEncoder.encode, iter(range(5))\n"
-        "def flaky(self, groups):\n"
-        "    if next(failures, None) is not None:\n"
-        "        raise RuntimeError('injected encoder failure')\n"
-        "    return encode(self, groups)\n"
-        "fwd.MessageEncoder.encode = flaky")
+    failing_encoder = with_fault("failing_encoder", 5)
     with SyslogReceiver("tcp") as receiver:
         env = receiver_env(emulator, receiver)
         with ForwarderProcess(env, tmp_path, python_args=failing_encoder) as forwarder:
-            messages = wait_until_delivered(lambda: receiver.messages, sent_ids)
+            wait_delivered(lambda: receiver.messages, sent_ids, DELIVERY_TIMEOUT)
             wait_until(lambda: checkpoints_at_end(emulator), "checkpoints at the end")
             stop_cleanly(forwarder)
-    report = loss_report(sent_ids, messages)
+    report = loss_report(sent_ids, receiver.messages)
     assert report["lost"] == 0 and report["duplicates"] == 0, report
     assert "injected encoder failure" in forwarder.stderr() and "nothing is skipped" in forwarder.stderr()

@@ -17,10 +17,10 @@ import pytest
 
 import sync_waf_to_syslog as fwd
 from tests.forwarder_process import SCRIPT, ForwarderProcess, forwarder_env, run_forwarder
-from tests.rsyslog_peer import Rsyslog
+from tests.checkpoints import assert_checkpoints_at_end
+from tests.delivered import assert_delivered_exactly
+from tests.rsyslog_peer import Rsyslog, unique_tag
 from tests.syslog_receiver import loss_report
-from tests.test_end_to_end import (assert_checkpoints_at_end, assert_delivered_exactly, unique_tag,
-                                   wait_for_records)
 from tests.waf_logs import realistic_logs, write_jsonl
 
 BASE_ENV = dict(SLS_ENDPOINT="sls.example.test", SLS_AK_ID="id", SLS_AK_KEY="secret", SLS_PROJECT="p",
@@ -334,11 +334,11 @@ def test_every_log_arrives_parsed_over_relp(protocol, rsyslog, pki, waf_data, ma
     env = forwarder_env(emulator, port=rsyslog.ports[inputs], protocol=protocol, SYSLOG_TAG=tag,
                         SYSLOG_HOSTNAME="fwd-relp", **extra, **tls_env(pki, protocol))
     with ForwarderProcess(env, tmp_path) as forwarder:
-        wait_for_records(rsyslog, tag, len(logs))
+        rsyslog.tagged(tag, len(logs))
         assert forwarder.stop() == 0, forwarder.stderr()[-2000:]
     assert "Complete send data to remote" in forwarder.stderr()
     assert "cannot send" not in forwarder.stderr()
-    assert_delivered_exactly(wait_for_records(rsyslog, tag, len(logs), timeout=1), logs, "fwd-relp")
+    assert_delivered_exactly(rsyslog.tagged(tag, len(logs), timeout=1), logs, "fwd-relp")
     assert_checkpoints_at_end(emulator)
 
 
@@ -360,6 +360,8 @@ def output(peer):
     return peer.output_path.read_bytes() if peer.output_path.exists() else b""
 
 
+@pytest.mark.slow
+@pytest.mark.rsyslog
 def test_the_fault_test_peer_writes_each_message_before_acknowledging_it(tmp_path):
     """What the kill -9 test relies on (see Rsyslog's write_before_ack)."""
     with Rsyslog(tmp_path / "peer", write_before_ack=True) as peer:
@@ -460,11 +462,15 @@ def kill_three_times_mid_stream(protocol, make_emulator, tmp_path):
     return report
 
 
+@pytest.mark.slow
+@pytest.mark.rsyslog
 def test_relp_loses_nothing_when_rsyslogd_is_killed(make_emulator, tmp_path):
     report = kill_three_times_mid_stream("relp", make_emulator, tmp_path)
     assert report["lost"] == 0, report
 
 
+@pytest.mark.slow
+@pytest.mark.rsyslog
 def test_tcp_resends_what_rsyslogd_may_not_have_read(make_emulator, tmp_path):
     """The same run over plain TCP, for comparison: it completes, and its loss and duplicates are
     printed. TCP's acknowledgement is the receiving kernel's, so what sat unread in rsyslogd's socket

@@ -16,6 +16,8 @@ import pytest
 from tests.pki import Pki, make_pki
 from tests.rsyslog_peer import LOOPBACK, Rsyslog
 
+pytestmark = [pytest.mark.slow, pytest.mark.rsyslog]
+
 TIMESTAMP = "2026-01-02T03:04:05.123456+08:00"
 STRUCTURED_DATA = r'[waf@32473 rule="a\"b\]c\\d"]'
 TEXT = "\ufeffblocked /login ü"  # BOM + non-ASCII UTF-8, as RFC 5424 MSG-UTF8

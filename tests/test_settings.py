@@ -16,6 +16,18 @@ GOOD = dict(SLS_ENDPOINT="sls.example.test", SLS_AK_ID="test-akid", SLS_AK_KEY=S
             SYSLOG_HOST="127.0.0.1")
 
 
+def main_in_process(env, monkeypatch, capsys):
+    """The forwarder's main() in this process (the CLI's code path, without starting an interpreter)."""
+    for name in os.environ:
+        if name.startswith(("SLS_", "SYSLOG_", "SYNC_")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    status = fwd.main([])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 def run_with(env, args=(), cwd=None):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLS_", "SYSLOG_", "SYNC_"))}
     result = subprocess.run([sys.executable, str(SCRIPT), *args], env={**clean, **env},
@@ -82,14 +94,16 @@ BAD_SETTINGS = [
     ("SYSLOG_FIELDS_RENAME", dict(SYSLOG_FIELDS_RENAME="host:a,host:b")),
     ("SYSLOG_FIELDS_RENAME", dict(SYSLOG_FIELDS_RENAME="host:site,matched_host:site")),
     ("SYSLOG_FIELDS_RENAME", dict(SYSLOG_FIELDS_RENAME="http_cookie:cookie", SYSLOG_FIELDS_EXCLUDE="http_*")),
+    ("SYSLOG_STATIC_FIELDS", dict(SYSLOG_STATIC_FIELDS="env")),
+    ("SYSLOG_STATIC_FIELDS", dict(SYSLOG_STATIC_FIELDS="env=prod,=hz")),
 ]
 
 
 @pytest.mark.parametrize("variable, change", BAD_SETTINGS, ids=[f"{v}-{i}" for i, (v, _) in enumerate(BAD_SETTINGS)])
-def test_bad_setting_exits_2_naming_the_variable(variable, change, garbage_file):
+def test_bad_setting_exits_2_naming_the_variable(variable, change, garbage_file, monkeypatch, capsys):
     env = {**GOOD, **{k: garbage_file if v == "GARBAGE" else v for k, v in change.items()}}
     env = {k: v for k, v in env.items() if v is not None}
-    status, out, err = run_with(env)
+    status, out, err = main_in_process(env, monkeypatch, capsys)
     assert status == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0], err
@@ -144,7 +158,7 @@ def test_env_file_is_read_and_the_real_environment_wins(tmp_path):
 def test_defaults_and_names():
     s = fwd.Settings.from_environment(dict(GOOD, SYSLOG_FACILITY="local7", SYSLOG_SEVERITY="warning",
                                            SLS_CURSOR_START="2026-11-01T00:00:00+08:00"))
-    assert (s.sls_consumer_group, s.syslog_protocol, s.syslog_port, s.syslog_format) == \
+    assert (s.sls_cg, s.syslog_protocol, s.syslog_port, s.syslog_format) == \
         ("WAF-SLS", "tcp", 514, "rfc5424")
     assert s.sls_consumer_name.startswith("WAF-SLS-")
     assert (s.syslog_facility, s.syslog_severity) == (23, 4)
@@ -171,21 +185,23 @@ def test_encoding_and_field_selection_settings():
         assert s.syslog_leef_delimiter == delimiter, written
 
 
-def test_help_documents_every_setting():
+def test_static_fields_setting():
+    s = fwd.Settings.from_environment(dict(GOOD, SYSLOG_STATIC_FIELDS=" env=prod, dc = hz ,,note=a=b"))
+    assert s.syslog_static_fields == (("env", "prod"), ("dc", "hz"), ("note", "a=b"))
+    assert fwd.Settings.from_environment(GOOD).syslog_static_fields == ()
+
+
+def test_every_setting_is_its_variable_and_documented():
+    """Each Settings field is its variable's name in lower case, and every variable is in --help,
+    README.md and .env.example."""
     status, out, _ = run_with({}, ["--help"])
     assert status == 0
     readme = (SCRIPT.parent / "README.md").read_text()
     example = (SCRIPT.parent / ".env.example").read_text()
-    for variable in ("SLS_ENDPOINT", "SLS_AK_ID", "SLS_AK_KEY", "SLS_STS_TOKEN", "SLS_PROJECT",
-                     "SLS_LOGSTORE", "SLS_CG", "SLS_CONSUMER_NAME", "SLS_CURSOR_START", "SLS_CURSOR_END",
-                     "SLS_HEARTBEAT_INTERVAL", "SLS_FETCH_INTERVAL", "SLS_MAX_FETCH_GROUPS",
-                     "SLS_WORKER_POOL_SIZE", "SYSLOG_HOST", "SYSLOG_PORT", "SYSLOG_PROTOCOL",
-                     "SYSLOG_SEP", "SYSLOG_CERT_PATH", "SYSLOG_CLIENT_CERT", "SYSLOG_CLIENT_KEY",
-                     "SYSLOG_TIMEOUT", "SYSLOG_FACILITY", "SYSLOG_SEVERITY", "SYSLOG_HOSTNAME",
-                     "SYSLOG_TAG", "SYSLOG_FORMAT", "SYSLOG_FRAMING", "SYSLOG_MAX_MESSAGE_SIZE",
-                     "SYSLOG_RETRY_MAX_DELAY", "SYNC_LOG_LEVEL", "SYNC_LOG_FILE", "SYNC_LOCK_FILE",
-                     "SYNC_STATS_INTERVAL", "SLS_TOPICS", "SYSLOG_ENCODING", "SYSLOG_LEEF_DELIMITER",
-                     "SYSLOG_FIELDS_INCLUDE", "SYSLOG_FIELDS_EXCLUDE", "SYSLOG_FIELDS_RENAME"):
+    source = SCRIPT.read_text()
+    for field in fwd.dataclasses.fields(fwd.Settings):
+        variable = field.name.upper()
+        assert f'"{variable}"' in source, f"Settings.{field.name} is not read from {variable}"
         assert variable in out, variable
         assert variable in readme, variable
         assert variable in example, variable

@@ -15,6 +15,7 @@ import time
 import pytest
 import trustme
 
+from tests.polling import poll
 from tests.syslog_receiver import ADDR_LINE_PREFIX, ReceiverProcess, SyslogReceiver, ids, loss_report
 
 RECEIVER_SCRIPT = os.path.join(os.path.dirname(__file__), "syslog_receiver.py")
@@ -44,12 +45,7 @@ def numbered(index: int) -> bytes:
 
 
 def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
+    return bool(poll(predicate, bool, timeout, interval=0.001))
 
 
 def unacknowledged_bytes(sock: socket.socket) -> int:

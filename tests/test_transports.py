@@ -6,7 +6,7 @@ import time
 import pytest
 
 import sync_waf_to_syslog as fwd
-from tests.test_encoders import make_settings
+from tests.encoding import make_settings
 
 
 @pytest.fixture

@@ -4,26 +4,16 @@ import re
 import signal
 import time
 
+import pytest
+
+from tests.checkpoints import assignments
+from tests.delivered import trace_ids, wait_delivered
 from tests.forwarder_process import ForwarderProcess, forwarder_env
 from tests.syslog_receiver import SyslogReceiver, loss_report
 from tests.waf_logs import realistic_logs, write_jsonl
 from tests.polling import wait_until
 
-
-def consumers(emulator):
-    group = emulator.state()["logstores"][emulator.logstore].get("consumer_groups", {}).get("test-group", {})
-    return group.get("consumers", {})
-
-
-def wait_delivered(receiver, logs, timeout=60):
-    """Wait until every log's id has arrived (duplicates do not count); the loss report."""
-    expected = [entry["request_traceid"] for entry in logs]
-    deadline = time.monotonic() + timeout
-    while True:
-        report = loss_report(expected, receiver.messages)
-        if report["lost"] == 0 or time.monotonic() > deadline:
-            return report
-        time.sleep(0.2)
+pytestmark = pytest.mark.slow
 
 
 def child_pids(pid):
@@ -37,11 +27,11 @@ def test_two_workers_share_the_shards_without_duplicates_and_survive_a_crash(mak
     with SyslogReceiver("tcp") as receiver:
         env = forwarder_env(emulator, port=receiver.port, SLS_MAX_FETCH_GROUPS="5")
         with ForwarderProcess(env, tmp_path, ["--workers", "2"]) as supervisor:
-            held = wait_until(lambda: (lambda c: c if len(c) == 2 and all(c.values()) else None)(consumers(emulator)),
+            held = wait_until(lambda: (lambda c: c if len(c) == 2 and all(c.values()) else None)(assignments(emulator)),
                               "both workers to hold shards", 30)
             assert sorted(held) == ["test-consumer-0", "test-consumer-1"]
             assert sorted(s for shards in held.values() for s in shards) == [0, 1, 2, 3]
-            report = wait_delivered(receiver, logs)
+            report = wait_delivered(lambda: receiver.messages, trace_ids(logs))
             assert report["lost"] == 0 and report["duplicates"] == 0, report
 
             # A worker that dies is restarted by the supervisor, and delivery goes on.
@@ -53,7 +43,7 @@ def test_two_workers_share_the_shards_without_duplicates_and_survive_a_crash(mak
                 entry["request_traceid"] = "more-" + entry["request_traceid"]
             emulator.add_logs(more)
             wait_until(lambda: len(child_pids(supervisor.process.pid)) == 2, "the worker's restart", 30)
-            wait_delivered(receiver, logs + more)
+            wait_delivered(lambda: receiver.messages, trace_ids(logs + more))
             assert supervisor.stop() == 0
             assert not [p for p in child_pids_safe(supervisor.process.pid)]
         report = loss_report([e["request_traceid"] for e in logs + more], receiver.messages)

@@ -2,7 +2,7 @@
 
 Every log is a dict of strings in SLS order: `__time__`, `__topic__`, `__source__`, one
 `__tag__:` key, then the WAF content fields (55 of them for `realistic_logs`), the way a consumer
-sees a WAF 3.0 logstore (field names and value shapes from ../shared/waf-log-fields.md).
+sees a WAF 3.0 logstore (field names and value shapes from Alibaba Cloud WAF 3.0 log field documentation).
 `request_traceid` is unique per log, so a receiver can prove that nothing was lost.
 
 Invalid UTF-8 cannot be written as a JSON string, so hostile logs carry it as lone surrogates
