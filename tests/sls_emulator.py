@@ -113,8 +113,9 @@ Known differences from SLS:
 - "Next ids after the largest" fits the documented examples; the rule itself is not documented.
   Which code SLS gives an unknown or read-only shard is not documented beyond "invalid shard id".
 - A read-only shard counts as consumed whenever its checkpoint equals its end cursor. The
-  state-machine notes say SLS checks this in UpdateCheckpoint, so in SLS a checkpoint that was
-  already at the end before the split may not finish the shard until it is written again.
+  state-machine notes only say that UpdateCheckpoint checks this; a checkpoint already at the end
+  when the shard turned read-only is assumed to count too, because the Java, Go and Python
+  consumers never write the checkpoint they last wrote again.
 - PullLogs sends no `x-log-end-of-cursor` header (SLS sends "1" at the end of the data; the Java
   consumer paces idle fetches with it, the Python SDK ignores it).
 - Heartbeat: an unknown consumer with a non-empty body is registered silently where SLS documents
