@@ -2,8 +2,9 @@
 
 It speaks the SLS REST wire protocol (../shared/sls-wire-protocol.md) for one project with one
 logstore: PutLogs, ListShards, GetCursor, GetCursorTime, PullLogs, consumer groups (create /
-update / list / delete, heartbeat with shard balancing and consumer expiry, checkpoints), with
-v1 and v4 signature verification, SLS-format errors, fault injection and state inspection.
+update / list / delete, heartbeat with shard balancing and consumer expiry, checkpoints, in-order
+consumption), with v1 and v4 signature verification, SLS-format errors, fault injection, shard
+split and merge (admin routes) and state inspection.
 
 Running it
 ----------
@@ -21,7 +22,7 @@ One JSON object per line, every value a string. `__time__` becomes Log.Time (now
 `__time_ns_part__` Log.Time_ns, `__topic__` / `__source__` the LogGroup Topic / Source,
 `__tag__:K` the LogGroup tag K; every other key is a content field, in file order. Consecutive
 logs with the same topic, source and tags share a LogGroup (at most --group-size logs, default
-100); LogGroups go to the shards round-robin.
+100); LogGroups go to the read-write shards round-robin.
 Invalid UTF-8 extension: strings are encoded with `surrogateescape`, so a lone surrogate
 U+DC80..U+DCFF (JSON `"\\udcff"`, or a raw invalid byte in a --load file) is stored as the raw byte
 0x80..0xFF. That is how tests express invalid UTF-8 in JSONL.
@@ -32,7 +33,8 @@ history, so a LogGroup counts as received at its first log's `__time__`; logs pu
 Admin routes (origin-form, no signature; call them without the proxy)
 ----------------------------------------------------------------------
 GET    /_emulator/state   JSON: {"project", "logstores": {LOGSTORE: {"shards": {"0": {
-                          "begin_cursor", "end_cursor", "logs", "groups", "expired_logs"}},
+                          "status", "parents": [id], "children": [id], "begin_cursor",
+                          "end_cursor", "logs", "groups", "expired_logs"}},
                           "consumer_groups": {CG: {"timeout", "order", "consumers": {NAME: [shard]},
                           "heartbeats": {NAME: {"seconds_ago", "listed", "releasing"}},
                           "checkpoints": {"0": C}, "checkpoint_consumers": {"0": NAME}}}}},
@@ -43,6 +45,11 @@ DELETE /_emulator/faults  removes every fault.
 POST   /_emulator/logs    body: JSONL as above, received now; answers {"logs": n, "groups": g}.
 POST   /_emulator/expire  body {"shard": N, "groups": K}: the TTL drops the shard's K oldest
                           LogGroups (the begin cursor moves), so older cursors become InvalidCursor.
+POST   /_emulator/split   body {"shard": N} or {"shard": N, "splitKey": "32 hex digits"}: split a
+                          read-write shard (see "Shards" below); answers the listings as
+                          SplitShard does: [the shard, now readonly, new shard, new shard].
+POST   /_emulator/merge   body {"shard": N}: merge it with the next read-write shard; answers
+                          [the new shard, shard N, the other shard] as MergeShards does.
 
 A fault object (every key but "op" optional):
     {"op": "pull|heartbeat|checkpoint|get_checkpoint|cursor|cursor_time|put|list_shards|
@@ -62,12 +69,65 @@ because clients come through the proxy setting: urllib3 then reports "HTTPConnec
 ProxyError", which the SDK treats as retryable; a direct connection to real SLS would report
 "Connection aborted", which it does not retry.
 
+Shards: split, merge, in-order consumption
+------------------------------------------
+Each shard covers the MD5 hash keys [inclusiveBeginKey, exclusiveEndKey); the initial shards
+divide the key space evenly. A split turns a read-write shard read-only and creates two
+read-write shards for [begin, splitKey) and [splitKey, end) (default splitKey: the middle). A
+merge turns shard N and the read-write shard whose keys start where N's end read-only and
+creates one shard for both ranges. New shards take the next ids after the largest (2 for a
+split, 1 for a merge), their own cursor range and createTime now. A read-only shard keeps its
+data and its end cursor: GetCursor and PullLogs work on it (at the end: 0 LogGroups, next cursor
+== cursor), but writes never reach it: PutLogs (shards/lb round-robin, shards/route?key= by hash
+key), --load and /_emulator/logs use the read-write shards only. ListShards lists every shard.
+Errors, all 400 ParameterInvalid: "invalid shard id" (unknown or read-only shard), "invalid mid
+hash" (split key not strictly inside the range), "can not merge the last shard" (no read-write
+shard follows).
+
+Consumer groups follow SLS's per-shard state machine. A read-only shard is consumed ("over")
+once the group's checkpoint for it equals its end cursor, and is then assigned to nobody; until
+then it is assigned like any shard, even one that never held data, so some consumer must write
+that checkpoint (the Python SDK 0.9.52 does so only when its shard consumer shuts down: see
+tests/test_emulator_shards.py). Moving the checkpoint back makes it assignable again. With
+"order": true a shard is assigned only once all its ancestors (parents, their parents, ...) are
+consumed ("wait"); without, new shards are assigned at once. Quotas count assignable shards
+only. A shard taken from a live consumer is in transfer: nobody else gets it until that
+consumer's heartbeat stops listing it or the consumer expires.
+
+Sources: SplitShard https://www.alibabacloud.com/help/en/sls/developer-reference/api-sls-2020-12-30-splitshard
+and, with its errors and example (33 -> 163, 164), http://help.aliyun.com/document_detail/29021.html;
+MergeShards (the server finds the next adjacent shard; example 30 + 166 -> 167)
+https://www.alibabacloud.com/help/doc-detail/29022.htm, its errors in the copy at
+https://developer.aliyun.com/ask/213612; the SDK pages ("" splits evenly; merge takes the first
+of two adjacent read-write shards) https://www.alibabacloud.com/help/en/sls/developer-reference/split-shard-by-sdk
+and .../merge-shard-by-sdk; statuses .../api-sls-2020-12-30-struct-shard; order
+.../api-sls-2020-12-30-struct-consumergroup; the state machine (already_alloc, not_alloc, wait,
+transfer, over) in "Finite state automaton", README_EN.md of github.com/aliyun/aliyun-log-consumer-java;
+empty read-only shards stay assigned until checkpointed: aliyun-log-go-sdk pull request 98,
+aliyun-log-python-sdk issue 126.
+
+Known differences from SLS:
+- Split and merge are admin routes only: SplitShard / MergeShards (POST shards/{id}?action=...,
+  LogClient.split_shard / merge_shard) and DeleteShard are not served, a split makes exactly two
+  shards (no shardCount), and SLS's automatic splitting does not happen.
+- "Next ids after the largest" fits the documented examples; the rule itself is not documented.
+  Which code SLS gives an unknown or read-only shard is not documented beyond "invalid shard id".
+- A read-only shard counts as consumed whenever its checkpoint equals its end cursor. The
+  state-machine notes only say that UpdateCheckpoint checks this; a checkpoint already at the end
+  when the shard turned read-only is assumed to count too, because the Java, Go and Python
+  consumers never write the checkpoint they last wrote again.
+- PullLogs sends no `x-log-end-of-cursor` header (SLS sends "1" at the end of the data; the Java
+  consumer paces idle fetches with it, the Python SDK ignores it).
+- Heartbeat: an unknown consumer with a non-empty body is registered silently where SLS documents
+  400 NotExistConsumerWithBody; a shard in transfer goes to whichever under-quota consumer
+  heartbeats first once the holder lets go, not to a "next consumer" chosen at the transfer.
+
 Python API (tests and benchmarks)
 ---------------------------------
 SlsEmulator(project, logstore, shards, access_key_id, access_key_secret, port=0, group_size=100):
     in-process server; start() / stop() / context manager, .port, .addr, .endpoint,
     .client_env(), add_logs(logs, receive_time=None), load_logs(logs), state(), inject(**fault),
-    clear_faults(), expire(shard, groups).
+    clear_faults(), expire(shard, groups), split(shard, split_key=None), merge(shard).
 EmulatorProcess(...): the CLI in a subprocess, same client-side methods through the admin routes.
 log_client(emulator, ...): a real `aliyun.log.LogClient` for it (the proxy comes from the
     environment: apply `emulator.client_env()` to os.environ first).
@@ -313,12 +373,16 @@ def _cursor_number(cursor: str) -> int:
 # Storage and consumer-group state (all guarded by the service lock).
 
 class Shard:
-    """One shard: an append-only list of framed LogGroups, indexed by cursor position."""
+    """One shard: an append-only list of framed LogGroups, indexed by cursor position, covering
+    the hash keys [begin_key, end_key). A split or merge seals it: it turns read-only, its end
+    cursor stays where it is, and `children` name the shards that take its keys over."""
 
-    def __init__(self, shard_id: int, count: int):
+    def __init__(self, shard_id: int, begin_key: int, end_key: int, parents: tuple = ()):
         self.id = shard_id
-        self.begin_key = shard_id * HASH_KEY_SPACE // count
-        self.end_key = (shard_id + 1) * HASH_KEY_SPACE // count
+        self.begin_key, self.end_key = begin_key, end_key
+        self.parents = parents          # the shards it was split or merged from
+        self.children: list = []
+        self.writable = True
         self.create_time = int(time.time())
         self.frames: list = []          # _frame(LogGroup) per cursor position
         self.receive_times: list = []   # non-decreasing
@@ -328,6 +392,13 @@ class Shard:
     @property
     def end(self) -> int:
         return len(self.frames)
+
+    @property
+    def status(self) -> str:
+        return "readwrite" if self.writable else "readonly"
+
+    def seal(self, children: list):
+        self.writable, self.children = False, [child.id for child in children]
 
     def append(self, log_group: bytes, log_count: int, receive_time: float):
         self.frames.append(_frame(log_group))
@@ -346,12 +417,21 @@ class Shard:
                            f"cursor {cursor.strip()} is out of range for shard {self.id}")
         return index
 
+    def is_end(self, cursor: str) -> bool:
+        try:
+            return self.index(cursor) == self.end
+        except SlsError:
+            return False
+
     def index_at(self, unix_time: int) -> int:
         """First retained LogGroup received at or after unix_time (end if none)."""
         return max(self.begin, bisect.bisect_left(self.receive_times, unix_time))
 
     def describe(self) -> dict:
         return {
+            "status": self.status,
+            "parents": list(self.parents),
+            "children": self.children,
             "begin_cursor": self.cursor(self.begin),
             "end_cursor": self.cursor(self.end),
             "logs": self.log_totals[self.end] - self.log_totals[self.begin],
@@ -360,7 +440,7 @@ class Shard:
         }
 
     def listing(self) -> dict:
-        return {"shardID": self.id, "status": "readwrite",
+        return {"shardID": self.id, "status": self.status,
                 "inclusiveBeginKey": f"{self.begin_key:032x}",
                 "exclusiveEndKey": f"{min(self.end_key, HASH_KEY_SPACE - 1):032x}",
                 "createTime": self.create_time}
@@ -388,36 +468,54 @@ class ConsumerGroup:
         self.consumers: dict = {}
         self.checkpoints: dict = {}
 
-    def heartbeat(self, name: str, listed: set, shard_ids: list, now: float) -> list:
+    def heartbeat(self, name: str, listed: set, shards: list, now: float) -> list:
         consumer = self.consumers.setdefault(name, Consumer(name, now))
         consumer.last_seen, consumer.listed = now, listed
         consumer.releasing &= listed  # a shard no longer listed has drained (checkpoint saved)
         self.expire_consumers(now)
-        self._rebalance(consumer, shard_ids)
+        self._rebalance(consumer, self.assignable(shards))
         return sorted(consumer.held)
 
     def expire_consumers(self, now: float):
         for name in [name for name, c in self.consumers.items() if now - c.last_seen > self.timeout]:
             del self.consumers[name]
 
-    def _rebalance(self, caller: Consumer, shard_ids: list):
-        """Even split. Consumers holding more keep the larger quotas, so few shards move.
-        Over-quota consumers lose shards at once (they learn it on their next heartbeat), but
-        only the heartbeating consumer gains shards, and never one that another live consumer
-        may still be consuming: one it lists or has not yet confirmed releasing."""
+    def finished(self, shard: Shard) -> bool:
+        """A read-only shard whose checkpoint is its end cursor is consumed; one without data
+        needs that checkpoint too."""
+        checkpoint = self.checkpoints.get(shard.id)
+        return not shard.writable and checkpoint is not None and shard.is_end(checkpoint.cursor)
+
+    def assignable(self, shards: list) -> list:
+        """Ids of the shards to share out (`shards` is indexed by id): every shard not finished;
+        with `order`, only those whose ancestors are all finished."""
+        finished = {s.id for s in shards if self.finished(s)}
+
+        def ancestors_finished(shard: Shard) -> bool:
+            return all(p in finished and ancestors_finished(shards[p]) for p in shard.parents)
+
+        return [s.id for s in shards
+                if s.id not in finished and (not self.order or ancestors_finished(s))]
+
+    def _rebalance(self, caller: Consumer, assignable: list):
+        """Even split of the assignable shards. Consumers holding more keep the larger quotas, so
+        few shards move. Over-quota consumers lose shards at once (they learn it on their next
+        heartbeat), and so do holders of shards no longer assignable, but only the heartbeating
+        consumer gains shards, and never one in transfer: taken from another live consumer that
+        still lists it (SLS's `transfer` state: the holder gives it up in a heartbeat first)."""
         consumers = sorted(self.consumers.values(), key=lambda c: (-len(c.held), c.name))
-        base, extra = divmod(len(shard_ids), len(consumers))
+        base, extra = divmod(len(assignable), len(consumers))
         quota = {c.name: base + (i < extra) for i, c in enumerate(consumers)}
         for c in consumers:
-            kept = set(sorted(c.held)[:quota[c.name]])
+            kept = set(sorted(c.held.intersection(assignable))[:quota[c.name]])
             c.releasing |= c.held - kept
             c.held = kept
         owned = set().union(*(c.held for c in consumers))
-        busy_elsewhere = set().union(*(c.listed | c.releasing for c in consumers if c is not caller))
-        for shard in shard_ids:
+        in_transfer = set().union(*(c.releasing for c in consumers if c is not caller))
+        for shard in assignable:
             if len(caller.held) >= quota[caller.name]:
                 break
-            if shard not in owned and shard not in busy_elsewhere:
+            if shard not in owned and shard not in in_transfer:
                 caller.held.add(shard)
         caller.releasing -= caller.held  # given back to the consumer that was draining it
 
@@ -560,7 +658,10 @@ class SlsService:
         self.access_key_id, self.access_key_secret = access_key_id, access_key_secret
         self.group_size = group_size
         self._lock = threading.Lock()
-        self._shards = [Shard(i, shards) for i in range(shards)]
+        # Shard ids are list positions: new shards get the next ids, and none is ever removed.
+        self._shards = [Shard(i, i * HASH_KEY_SPACE // shards, (i + 1) * HASH_KEY_SPACE // shards)
+                        for i in range(shards)]
+        self._writable = list(self._shards)  # the shards that take new logs, by id
         self._groups: dict = {}
         self._faults: list = []
         self._next_fault_id = 1
@@ -758,9 +859,7 @@ class SlsService:
         stored = 0
         for group in groups:  # encoded lazily, outside the lock
             with self._lock:
-                shard = self._shards[self._next_lb_shard]
-                self._next_lb_shard = (self._next_lb_shard + 1) % len(self._shards)
-                shard.append(group.raw, group.log_count, receive_time_of(group))
+                self._next_writable_shard().append(group.raw, group.log_count, receive_time_of(group))
             stored += 1
         return stored
 
@@ -772,6 +871,59 @@ class SlsService:
             target = self._shard(str(shard))
             target.begin = min(target.begin + groups, target.end)
             return target.describe()
+
+    # -- shard split and merge (SplitShard, MergeShards) ------------------------------------
+
+    def split(self, shard: int, split_key: Optional[str] = None) -> list:
+        """Split a read-write shard at split_key (32 hex digits strictly inside its key range;
+        default the middle): it turns read-only and two new shards take its keys. Returns the
+        listings in SplitShard's order: the shard, then the two new ones."""
+        with self._lock:
+            parent = self._writable_shard(shard)
+            middle = self._split_point(parent, split_key)
+            children = [self._add_shard(parent.begin_key, middle, (parent.id,)),
+                        self._add_shard(middle, parent.end_key, (parent.id,))]
+            self._seal([parent], children)
+            return [s.listing() for s in [parent] + children]
+
+    def merge(self, shard: int) -> list:
+        """Merge a read-write shard with the read-write shard whose keys follow its own: both
+        turn read-only and one new shard takes both ranges. Returns the listings in
+        MergeShards' order: the new shard, then the two merged ones."""
+        with self._lock:
+            left = self._writable_shard(shard)
+            right = next((s for s in self._writable if s.begin_key == left.end_key), None)
+            if right is None:
+                raise SlsError(400, "ParameterInvalid", "can not merge the last shard")
+            merged = self._add_shard(left.begin_key, right.end_key, (left.id, right.id))
+            self._seal([left, right], [merged])
+            return [s.listing() for s in (merged, left, right)]
+
+    def _writable_shard(self, shard) -> Shard:
+        if type(shard) is int and 0 <= shard < len(self._shards) and self._shards[shard].writable:
+            return self._shards[shard]
+        raise SlsError(400, "ParameterInvalid", f"invalid shard id: {shard!r} is no read-write shard")
+
+    @staticmethod
+    def _split_point(shard: Shard, split_key: Optional[str]) -> int:
+        if split_key is None:
+            return (shard.begin_key + shard.end_key) // 2
+        # Strictly inside the range as ListShards shows it (the last shard ends at ff...f).
+        if isinstance(split_key, str) and re.fullmatch(r"[0-9a-fA-F]{32}", split_key) \
+                and shard.begin_key < int(split_key, 16) < min(shard.end_key, HASH_KEY_SPACE - 1):
+            return int(split_key, 16)
+        raise SlsError(400, "ParameterInvalid",
+                       f"invalid mid hash: {split_key!r} is not 32 hex digits inside shard {shard.id}")
+
+    def _add_shard(self, begin_key: int, end_key: int, parents: tuple) -> Shard:
+        shard = Shard(len(self._shards), begin_key, end_key, parents)
+        self._shards.append(shard)
+        return shard
+
+    def _seal(self, parents: list, children: list):
+        for parent in parents:
+            parent.seal(children)
+        self._writable = [s for s in self._shards if s.writable]
 
     def state(self) -> dict:
         now = time.time()
@@ -872,8 +1024,7 @@ class SlsService:
             if route.shard == "route":
                 shard = self._shard_for_key(params.get("key", ""))
             else:
-                shard = self._shards[self._next_lb_shard]
-                self._next_lb_shard = (self._next_lb_shard + 1) % len(self._shards)
+                shard = self._next_writable_shard()
             if log_count:  # an empty LogGroup is accepted and stores nothing
                 shard.append(log_group, log_count, time.time())
         return Reply()
@@ -902,7 +1053,14 @@ class SlsService:
         if not re.fullmatch(r"[0-9a-fA-F]{32}", key):
             raise SlsError(400, "ParameterInvalid", f"hash key must be 32 hex digits, got {key!r}")
         value = int(key, 16)
-        return next(s for s in self._shards if value < s.end_key or s is self._shards[-1])
+        return next(s for s in self._writable if s.begin_key <= value < s.end_key)
+
+    def _next_writable_shard(self) -> Shard:
+        """Round-robin over the read-write shards: SLS's load-balancing mode (`shards/lb`)."""
+        self._next_lb_shard %= len(self._writable)
+        shard = self._writable[self._next_lb_shard]
+        self._next_lb_shard += 1
+        return shard
 
     def _op_list_cg(self, route, params, headers, body) -> Reply:
         with self._lock:
@@ -945,8 +1103,8 @@ class SlsService:
             raise SlsError(400, "ParameterInvalid", "need a consumer and a JSON list of shard ids")
         with self._lock:
             group = self._group(route.group)
-            shard_ids = [s.id for s in self._shards]
-            held = group.heartbeat(consumer, set(listed) & set(shard_ids), shard_ids, time.time())
+            known = {shard for shard in listed if 0 <= shard < len(self._shards)}
+            held = group.heartbeat(consumer, known, self._shards, time.time())
         return Reply.json(held)
 
     def _op_checkpoint(self, route, params, headers, body) -> Reply:
@@ -1007,6 +1165,11 @@ class SlsService:
             if (method, path) == ("POST", "/_emulator/expire"):
                 spec = json.loads(body)
                 return Reply.json(self.expire(spec["shard"], spec["groups"]))
+            if (method, path) == ("POST", "/_emulator/split"):
+                spec = json.loads(body)
+                return Reply.json(self.split(spec["shard"], spec.get("splitKey")))
+            if (method, path) == ("POST", "/_emulator/merge"):
+                return Reply.json(self.merge(json.loads(body)["shard"]))
         except (ValueError, TypeError, KeyError) as exc:
             raise SlsError(400, "ParameterInvalid", f"bad admin request: {exc!r}") from None
         raise SlsError(404, "RequestNotSupported", f"no admin route {method} {path}")
@@ -1190,6 +1353,13 @@ class EmulatorProcess(_ClientSide):
 
     def expire(self, shard: int, groups: int) -> dict:
         return self._admin("POST", "expire", json.dumps({"shard": shard, "groups": groups}).encode())
+
+    def split(self, shard: int, split_key: Optional[str] = None) -> list:
+        spec = {"shard": shard} if split_key is None else {"shard": shard, "splitKey": split_key}
+        return self._admin("POST", "split", json.dumps(spec).encode())
+
+    def merge(self, shard: int) -> list:
+        return self._admin("POST", "merge", json.dumps({"shard": shard}).encode())
 
     def stop(self, timeout: float = 15) -> int:
         """SIGTERM, wait, and return the exit code (0 when it shut down cleanly)."""

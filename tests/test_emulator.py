@@ -80,10 +80,11 @@ class RecordingProcessor(ConsumerProcessorBase):
         self.save_checkpoint(check_point_tracker, force=True)
 
 
-def start_worker(emulator, name, seen):
+def start_worker(emulator, name, seen, **options):
+    """A started ConsumerWorker of group "forwarder"; options go to LogHubConfig (in_order, ...)."""
     option = LogHubConfig(emulator.endpoint, AKID, SECRET, PROJECT, LOGSTORE, "forwarder", name,
                           cursor_position=CursorPosition.BEGIN_CURSOR, heartbeat_interval=1,
-                          data_fetch_interval=0.1, max_fetch_log_group_size=5)
+                          data_fetch_interval=0.1, max_fetch_log_group_size=5, **options)
     worker = ConsumerWorker(RecordingProcessor, option, args=(name, seen))
     worker.start()
     return worker
