@@ -274,7 +274,7 @@ class EcsMetadataServer:
         return HTTPStatus.NOT_FOUND, "", b""
 
     def _issue_token(self, ttl: str) -> tuple:
-        if not ttl.isdigit() or not 1 <= int(ttl) <= MAX_TOKEN_TTL:
+        if not ttl.isdecimal() or not 1 <= int(ttl) <= MAX_TOKEN_TTL:
             return HTTPStatus.BAD_REQUEST, "", b""
         token = secrets.token_urlsafe(32)
         with self._lock:
