@@ -38,8 +38,13 @@ GET    /_emulator/state   JSON: {"project", "logstores": {LOGSTORE: {"shards": {
                           "consumer_groups": {CG: {"timeout", "order", "consumers": {NAME: [shard]},
                           "heartbeats": {NAME: {"seconds_ago", "listed", "releasing"}},
                           "checkpoints": {"0": C}, "checkpoint_consumers": {"0": NAME}}}}},
-                          "requests": {op: n}, "errors": {errorCode: n}, "faults": [fault...]}
-                          ("logs" counts the logs between the begin and end cursors.)
+                          "requests": {op: n}, "errors": {errorCode: n}, "faults": [fault...],
+                          "temporary_credentials": {AKID: {"expiration", "expired"}},
+                          "requests_by_access_key": {AKID: n}, "refusals_by_access_key": {AKID:
+                          {reason: n}}}
+                          ("logs" counts the logs between the begin and end cursors;
+                          "requests_by_access_key" counts the requests that passed authentication,
+                          permanent key included; refusal reasons are below.)
 POST   /_emulator/faults  body: one fault object or a list of them; answers {"faults": [...]}.
 DELETE /_emulator/faults  removes every fault.
 POST   /_emulator/logs    body: JSONL as above, received now; answers {"logs": n, "groups": g}.
@@ -50,6 +55,9 @@ POST   /_emulator/split   body {"shard": N} or {"shard": N, "splitKey": "32 hex 
                           SplitShard does: [the shard, now readonly, new shard, new shard].
 POST   /_emulator/merge   body {"shard": N}: merge it with the next read-write shard; answers
                           [the new shard, shard N, the other shard] as MergeShards does.
+POST   /_emulator/credentials  body {"access_key_id", "access_key_secret", "security_token",
+                          "expiration" (unix seconds)}: accept a temporary credential (see below);
+                          answers {"access_key_id", "expiration"}. An AKID can be added once.
 
 A fault object (every key but "op" optional):
     {"op": "pull|heartbeat|checkpoint|get_checkpoint|cursor|cursor_time|put|list_shards|
@@ -122,12 +130,36 @@ Known differences from SLS:
   400 NotExistConsumerWithBody; a shard in transfer goes to whichever under-quota consumer
   heartbeats first once the holder lets go, not to a "next consumer" chosen at the transfer.
 
+Authentication
+--------------
+Requests are signed with v1 (`LOG AKID:signature`) or v4 (`SLS4-HMAC-SHA256`) and checked against
+the permanent AccessKey pair given at start (which ignores any x-acs-security-token) or a temporary
+one added with add_credentials. A temporary AccessKey needs its exact `x-acs-security-token` and is
+refused from its expiration on. Refusals, as Alibaba documents them ("Simple Log Service: Error
+codes", https://www.alibabacloud.com/help/en/sls/developer-reference/error-codes; the search
+excerpt of that page stopped before its table, so the rows were read from Alibaba's copy of it in
+aliyun/alibabacloud-observability-mcp-server, v1/src/mcp_server_aliyun_observability/api_error.py),
+with the reason `refusals_by_access_key` counts them under:
+    unknown AKID          401 Unauthorized "AccessKeyId not found: AKID"        unknown_key
+    temporary, no token   401 Unauthorized "AccessKeyId not found: AKID"        token_missing
+    wrong token           401 Unauthorized "The security token you provided is invalid."  token_invalid
+    expired token         401 Unauthorized "The security token you provided has expired." token_expired
+    bad signature         403 SignatureNotMatch (message without the token)      signature
+Assumptions: the docs do not say what a temporary AKID without its token gets; real STS keys are
+found through their token, so the emulator answers as for an unknown key. The token is checked
+before the expiration and both before the signature (a token carries its key's secret). The docs
+table gives SignatureNotMatch status 401, but this emulator has always answered 403 and its tests
+rely on it. The SDK retries neither and does not count SignatureNotMatch as an auth error (its
+credentials refresher looks for Unauthorized, InvalidAccessKeyId or SecurityToken in errorCode or
+message); only the consumer's fetch task differs: it sleeps 5 s after any 403.
+
 Python API (tests and benchmarks)
 ---------------------------------
 SlsEmulator(project, logstore, shards, access_key_id, access_key_secret, port=0, group_size=100):
     in-process server; start() / stop() / context manager, .port, .addr, .endpoint,
     .client_env(), add_logs(logs, receive_time=None), load_logs(logs), state(), inject(**fault),
-    clear_faults(), expire(shard, groups), split(shard, split_key=None), merge(shard).
+    clear_faults(), expire(shard, groups), split(shard, split_key=None), merge(shard),
+    add_credentials(access_key_id, access_key_secret, security_token, expiration).
 EmulatorProcess(...): the CLI in a subprocess, same client-side methods through the admin routes.
 log_client(emulator, ...): a real `aliyun.log.LogClient` for it (the proxy comes from the
     environment: apply `emulator.client_env()` to os.environ first).
@@ -647,8 +679,17 @@ def _hmac(key: bytes, message: str, digest) -> bytes:
     return hmac.new(key, message.encode(), digest).digest()
 
 
+@dataclass
+class TemporaryCredential:
+    """A temporary AccessKey's secret and STS token (never shown), accepted until expiration."""
+    secret: str = field(repr=False)
+    security_token: str = field(repr=False)
+    expiration: float  # unix seconds
+
+
 class SlsService:
-    """One SLS project with one logstore of `shards` shards, checked against one AccessKey pair."""
+    """One SLS project with one logstore of `shards` shards, checked against one permanent
+    AccessKey pair and the temporary ones added with add_credentials."""
 
     def __init__(self, project: str, logstore: str, shards: int, access_key_id: str,
                  access_key_secret: str, group_size: int = 100):
@@ -668,6 +709,9 @@ class SlsService:
         self._next_lb_shard = 0
         self._request_counts: dict = {}
         self._error_counts: dict = {}
+        self._temporary_credentials: dict = {}   # AccessKey ID -> TemporaryCredential
+        self._requests_by_access_key: dict = {}  # AccessKey ID -> authenticated requests
+        self._refusals_by_access_key: dict = {}  # AccessKey ID -> {reason: refused requests}
 
     # -- entry point ----------------------------------------------------------------------
 
@@ -742,25 +786,55 @@ class SlsService:
         return Route(op, getattr(self, "_op_" + op), shard=name if collection == "shards" else None,
                      group=name if collection == "consumergroups" else None)
 
-    # -- signatures (§3) ------------------------------------------------------------------
+    # -- authentication: signatures (§3) and temporary credentials ---------------------------
 
     def _authenticate(self, method: str, path: str, query: list, headers, body: bytes):
         authorization = headers.get("Authorization") or ""
         if authorization.startswith("LOG "):
-            self._check_v1(authorization, method, path, query, headers, body)
+            access_key_id = self._check_v1(authorization, method, path, query, headers, body)
         elif authorization.startswith("SLS4-HMAC-SHA256 "):
-            self._check_v4(authorization, method, path, query, headers, body)
+            access_key_id = self._check_v4(authorization, method, path, query, headers, body)
         else:
             raise SlsError(401, "Unauthorized", "the request is not signed (no LOG or SLS4 Authorization)")
+        with self._lock:
+            self._requests_by_access_key[access_key_id] = \
+                self._requests_by_access_key.get(access_key_id, 0) + 1
 
-    def _secret(self, access_key_id: str) -> bytes:
-        if access_key_id != self.access_key_id:
-            raise SlsError(401, "Unauthorized", f"AccessKeyId {access_key_id!r} is not found")
-        return self.access_key_secret.encode()
+    def _refusal(self, access_key_id: str, reason: str, status: int, code: str, message: str) -> SlsError:
+        """The error refusing a request signed with access_key_id, counted under its reason."""
+        with self._lock:
+            reasons = self._refusals_by_access_key.setdefault(access_key_id, {})
+            reasons[reason] = reasons.get(reason, 0) + 1
+        return SlsError(status, code, message)
 
-    def _check_v1(self, authorization, method, path, query, headers, body):
+    def _secret(self, access_key_id: str, headers) -> bytes:
+        """The secret the request must be signed with. A temporary AccessKey also needs its exact
+        security token, before its expiration; a permanent one ignores any token."""
+        if access_key_id == self.access_key_id:
+            return self.access_key_secret.encode()
+        with self._lock:
+            credential = self._temporary_credentials.get(access_key_id)
+        token = headers.get("x-acs-security-token")
+        if credential is None or token is None:  # without its token, an STS key is no key at all
+            raise self._refusal(access_key_id, "unknown_key" if credential is None else "token_missing",
+                                401, "Unauthorized", f"AccessKeyId not found: {access_key_id}")
+        if token != credential.security_token:
+            raise self._refusal(access_key_id, "token_invalid", 401, "Unauthorized",
+                                "The security token you provided is invalid.")
+        if time.time() >= credential.expiration:
+            raise self._refusal(access_key_id, "token_expired", 401, "Unauthorized",
+                                "The security token you provided has expired.")
+        return credential.secret.encode()
+
+    def _signature_mismatch(self, access_key_id: str, headers, message: str) -> SlsError:
+        token = headers.get("x-acs-security-token")
+        if token:  # it is a signed header: keep it out of the message, which clients may log
+            message = message.replace(token, "<security token>")
+        return self._refusal(access_key_id, "signature", 403, "SignatureNotMatch", message)
+
+    def _check_v1(self, authorization, method, path, query, headers, body) -> str:
         access_key_id, _, signature = authorization[len("LOG "):].partition(":")
-        secret = self._secret(access_key_id)
+        secret = self._secret(access_key_id, headers)
         content_md5 = headers.get("Content-MD5") or ""
         if body and content_md5 != hashlib.md5(body).hexdigest().upper():
             raise SlsError(400, "ParameterInvalid", "Content-MD5 does not match the body")
@@ -774,16 +848,17 @@ class SlsService:
             + "".join(f"{name}:{value}\n" for name, value in signed_headers) + resource
         expected = base64.b64encode(_hmac(secret, string_to_sign, hashlib.sha1)).decode()
         if not hmac.compare_digest(expected, signature):
-            raise SlsError(403, "SignatureNotMatch",
-                           f"signature {signature} not match, string to sign {string_to_sign!r}")
+            raise self._signature_mismatch(access_key_id, headers, f"signature {signature} not match, "
+                                                                   f"string to sign {string_to_sign!r}")
+        return access_key_id
 
-    def _check_v4(self, authorization, method, path, query, headers, body):
+    def _check_v4(self, authorization, method, path, query, headers, body) -> str:
         match = re.fullmatch(r"SLS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]*)/sls/"
                              r"aliyun_v4_request,\s*Signature=([0-9a-f]+)", authorization)
         if match is None:
             raise SlsError(401, "Unauthorized", "malformed SLS4-HMAC-SHA256 Authorization")
         access_key_id, date, region, signature = match.groups()
-        secret = self._secret(access_key_id)
+        secret = self._secret(access_key_id, headers)
         payload_hash = headers.get("x-log-content-sha256") or ""
         if payload_hash != hashlib.sha256(body).hexdigest():
             raise SlsError(400, "ParameterInvalid", "x-log-content-sha256 does not match the body")
@@ -801,8 +876,26 @@ class SlsService:
             key = _hmac(key, part, hashlib.sha256)
         expected = _hmac(key, string_to_sign, hashlib.sha256).hex()
         if not hmac.compare_digest(expected, signature):
-            raise SlsError(403, "SignatureNotMatch", f"v4 signature not match, canonical request "
-                                                     f"{canonical_request!r}")
+            raise self._signature_mismatch(access_key_id, headers, f"v4 signature not match, canonical "
+                                                                   f"request {canonical_request!r}")
+        return access_key_id
+
+    def add_credentials(self, access_key_id: str, access_key_secret: str, security_token: str,
+                        expiration: float) -> dict:
+        """Accept a temporary AccessKey (an STS credential) with its security token until
+        `expiration` (unix seconds). Returns its description, which leaves out the secrets."""
+        for name, value in (("access_key_id", access_key_id), ("access_key_secret", access_key_secret),
+                            ("security_token", security_token)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string")
+        if isinstance(expiration, bool) or not isinstance(expiration, (int, float)):
+            raise ValueError(f"expiration must be unix seconds, got {expiration!r}")
+        with self._lock:
+            if access_key_id == self.access_key_id or access_key_id in self._temporary_credentials:
+                raise ValueError(f"AccessKey ID {access_key_id} is already in use")
+            self._temporary_credentials[access_key_id] = TemporaryCredential(
+                access_key_secret, security_token, expiration)
+        return {"access_key_id": access_key_id, "expiration": expiration}
 
     # -- faults -----------------------------------------------------------------------------
 
@@ -938,6 +1031,13 @@ class SlsService:
                 }},
                 "requests": dict(sorted(self._request_counts.items())),
                 "errors": dict(sorted(self._error_counts.items())),
+                "temporary_credentials": {
+                    access_key_id: {"expiration": c.expiration, "expired": now >= c.expiration}
+                    for access_key_id, c in sorted(self._temporary_credentials.items())},
+                "requests_by_access_key": dict(sorted(self._requests_by_access_key.items())),
+                "refusals_by_access_key": {access_key_id: dict(sorted(reasons.items()))
+                                           for access_key_id, reasons
+                                           in sorted(self._refusals_by_access_key.items())},
                 "faults": [f.describe(now) for f in self._faults],
             }
 
@@ -1170,6 +1270,8 @@ class SlsService:
                 return Reply.json(self.split(spec["shard"], spec.get("splitKey")))
             if (method, path) == ("POST", "/_emulator/merge"):
                 return Reply.json(self.merge(json.loads(body)["shard"]))
+            if (method, path) == ("POST", "/_emulator/credentials"):
+                return Reply.json(self.add_credentials(**json.loads(body)))
         except (ValueError, TypeError, KeyError) as exc:
             raise SlsError(400, "ParameterInvalid", f"bad admin request: {exc!r}") from None
         raise SlsError(404, "RequestNotSupported", f"no admin route {method} {path}")
@@ -1360,6 +1462,12 @@ class EmulatorProcess(_ClientSide):
 
     def merge(self, shard: int) -> list:
         return self._admin("POST", "merge", json.dumps({"shard": shard}).encode())
+
+    def add_credentials(self, access_key_id: str, access_key_secret: str, security_token: str,
+                        expiration: float) -> dict:
+        return self._admin("POST", "credentials", json.dumps({
+            "access_key_id": access_key_id, "access_key_secret": access_key_secret,
+            "security_token": security_token, "expiration": expiration}).encode())
 
     def stop(self, timeout: float = 15) -> int:
         """SIGTERM, wait, and return the exit code (0 when it shut down cleanly)."""
