@@ -36,13 +36,18 @@ GET    /_emulator/state   JSON: {"project", "logstores": {LOGSTORE: {"shards": {
                           "consumer_groups": {CG: {"timeout", "order", "consumers": {NAME: [shard]},
                           "heartbeats": {NAME: {"seconds_ago", "listed", "releasing"}},
                           "checkpoints": {"0": C}, "checkpoint_consumers": {"0": NAME}}}}},
-                          "requests": {op: n}, "errors": {errorCode: n}, "faults": [fault...]}
-                          ("logs" counts the logs between the begin and end cursors.)
+                          "requests": {op: n}, "errors": {errorCode: n}, "faults": [fault...],
+                          "processors": {NAME: SPL}, "spl": {"pulls", "raw_logs", "result_logs",
+                          "failed_logs"}}
+                          ("logs" counts the logs between the begin and end cursors; "spl" counts
+                          the pulls with a statement and the logs they read, returned and failed on.)
 POST   /_emulator/faults  body: one fault object or a list of them; answers {"faults": [...]}.
 DELETE /_emulator/faults  removes every fault.
 POST   /_emulator/logs    body: JSONL as above, received now; answers {"logs": n, "groups": g}.
 POST   /_emulator/expire  body {"shard": N, "groups": K}: the TTL drops the shard's K oldest
                           LogGroups (the begin cursor moves), so older cursors become InvalidCursor.
+POST   /_emulator/processors  body {"name": NAME, "spl": SPL}: defines or replaces a consume
+                          processor (see below); an invalid statement is 400 ParameterInvalid.
 
 A fault object (every key but "op" optional):
     {"op": "pull|heartbeat|checkpoint|get_checkpoint|cursor|cursor_time|put|list_shards|
@@ -67,10 +72,46 @@ Python API (tests and benchmarks)
 SlsEmulator(project, logstore, shards, access_key_id, access_key_secret, port=0, group_size=100):
     in-process server; start() / stop() / context manager, .port, .addr, .endpoint,
     .client_env(), add_logs(logs, receive_time=None), load_logs(logs), state(), inject(**fault),
-    clear_faults(), expire(shard, groups).
+    clear_faults(), expire(shard, groups), add_processor(name, spl).
 EmulatorProcess(...): the CLI in a subprocess, same client-side methods through the admin routes.
 log_client(emulator, ...): a real `aliyun.log.LogClient` for it (the proxy comes from the
     environment: apply `emulator.client_env()` to os.environ first).
+
+Rule-based consumption (SPL)
+----------------------------
+A pull with `query=<spl>` (the SDK adds `pullMode=scan_on_stream`; the emulator ignores that
+parameter) or `processor=<name>` gets the pulled LogGroups processed by the statement. spl.py
+is the engine; its docstring lists the SPL subset and its typing and null rules. Per pull:
+  * the statement is checked once (syntax and types): an invalid one is 400 ParameterInvalid
+    "invalid query: line L:C: ...", an unknown processor 404 ConsumeProcessorNotExist, both
+    query and processor 400 ParameterInvalid;
+  * `count` and the size cap apply to the LogGroups read; `x-log-cursor` moves past all of them,
+    whatever the statement kept;
+  * each LogGroup's logs are processed; those kept are written back as LogGroups (consecutive
+    logs with equal topic, source and tags share one, so a LogGroup normally stays one); a
+    LogGroup left without logs is not sent at all; a log the statement fails on (a cast of
+    'abc' to bigint) is dropped and counted;
+  * headers: `x-log-count` / `x-log-bodyrawsize` describe the processed body (0 / 0 when nothing
+    is left); `x-log-rawdatacount` / `x-log-rawdatasize` the LogGroups read and their raw size
+    (the SDK throttles on these when it sends a query or processor); `x-log-rawdatalines`,
+    `x-log-resultlines`, `x-log-failedlines` the logs read, returned and failed on.
+Sources: PullLogs https://help.aliyun.com/zh/sls/developer-reference/api-sls-2020-12-30-pulllogs
+(the query parameter), "Consume Processor" https://www.alibabacloud.com/help/en/sls/data-consumption-processor,
+PutConsumeProcessor https://help.aliyun.com/zh/sls/developer-reference/api-sls-2020-12-30-putconsumeprocessor
+({"configuration": {"spl": ...}}); the header names and meanings from the SDKs: Python
+pulllog_response.py and consumer/shard_worker.py, Java PullLogsResponse (x-log-count must equal
+the LogGroups in the body), Go log_store.go/model.go (rawdatalines, resultlines, failedlines);
+the error text format from an SLS answer quoted in aliyun/alibabacloud-observability-mcp-server#41
+("ParameterInvalid", "invalid query: line 1:60 mismatched input ...", for a GetLogs SPL query).
+Not documented, so chosen here: emptied LogGroups are omitted (the Go consumer expects "empty
+content (filter by query)"); a failing log is dropped rather than failing the pull; the error
+codes for an invalid statement (ParameterInvalid, as for GetLogs) and an unknown processor
+(ConsumeProcessorNotExist, after ConsumerGroupNotExist); query together with processor is an
+error. Known differences from SLS: processors are defined through the admin route, not
+PutConsumeProcessor (no display name, description, List/Get/Delete); only the subset of SPL in
+spl.py, and a statement outside it is answered ParameterInvalid even where SLS would accept it;
+LogGroup fields the emulator never writes (Category, MachineUUID) are dropped by processing;
+no SPL length, pipeline-depth, memory or time limits.
 """
 from __future__ import annotations
 

@@ -135,7 +135,9 @@ def text_of(value) -> str:
     """A value as stored in a log (every stored value is text)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,17 +188,17 @@ def tokenize(text: str) -> list:
 def _where(text: str, pos: int) -> str:
     """`line L:C: `, the way SLS prefixes statement errors."""
     line = text.count("\n", 0, pos) + 1
-    return f"line {line}:{pos - (text.rfind(chr(10), 0, pos) + 1) + 1}: "
+    column = pos - text.rfind("\n", 0, pos)  # rfind gives -1 on the first line: 1-based either way
+    return f"line {line}:{column}: "
 
 
 # ---------------------------------------------------------------------------------------------
 # Expressions: each node knows its type (checked while parsing) and evaluates on a row.
 
 class Expr:
+    """An expression node: `type` is its SPL type, checked while parsing, and `evaluate(row)`
+    gives its value for one log (None for null)."""
     type: str
-
-    def evaluate(self, row: dict):
-        raise NotImplementedError
 
 
 @dataclass
@@ -403,7 +405,9 @@ class Negate(Expr):
 
     def evaluate(self, row):
         value = self.operand.evaluate(row)
-        return None if value is None else value * -1 if self.type == DOUBLE else _check_integer(-value, self.type)
+        if value is None:
+            return None
+        return -value if self.type == DOUBLE else _check_integer(-value, self.type)
 
 
 _INTEGER_TEXT = re.compile(r"[+-]?\d+")
