@@ -41,10 +41,12 @@ GET    /_emulator/state   JSON: {"project", "logstores": {LOGSTORE: {"shards": {
                           "requests": {op: n}, "errors": {errorCode: n}, "faults": [fault...],
                           "temporary_credentials": {AKID: {"expiration", "expired"}},
                           "requests_by_access_key": {AKID: n}, "refusals_by_access_key": {AKID:
-                          {reason: n}}}
+                          {reason: n}}, "processors": {NAME: SPL}, "spl": {"pulls", "raw_logs",
+                          "result_logs", "failed_logs"}}
                           ("logs" counts the logs between the begin and end cursors;
                           "requests_by_access_key" counts the requests that passed authentication,
-                          permanent key included; refusal reasons are below.)
+                          permanent key included, refusal reasons are below; "spl" counts the pulls
+                          with a statement and the logs they read, returned and failed on.)
 POST   /_emulator/faults  body: one fault object or a list of them; answers {"faults": [...]}.
 DELETE /_emulator/faults  removes every fault.
 POST   /_emulator/logs    body: JSONL as above, received now; answers {"logs": n, "groups": g}.
@@ -58,6 +60,8 @@ POST   /_emulator/merge   body {"shard": N}: merge it with the next read-write s
 POST   /_emulator/credentials  body {"access_key_id", "access_key_secret", "security_token",
                           "expiration" (unix seconds)}: accept a temporary credential (see below);
                           answers {"access_key_id", "expiration"}. An AKID can be added once.
+POST   /_emulator/processors  body {"name": NAME, "spl": SPL}: defines or replaces a consume
+                          processor (see below); an invalid statement is 400 ParameterInvalid.
 
 A fault object (every key but "op" optional):
     {"op": "pull|heartbeat|checkpoint|get_checkpoint|cursor|cursor_time|put|list_shards|
@@ -159,10 +163,47 @@ SlsEmulator(project, logstore, shards, access_key_id, access_key_secret, port=0,
     in-process server; start() / stop() / context manager, .port, .addr, .endpoint,
     .client_env(), add_logs(logs, receive_time=None), load_logs(logs), state(), inject(**fault),
     clear_faults(), expire(shard, groups), split(shard, split_key=None), merge(shard),
-    add_credentials(access_key_id, access_key_secret, security_token, expiration).
+    add_credentials(access_key_id, access_key_secret, security_token, expiration),
+    add_processor(name, spl).
 EmulatorProcess(...): the CLI in a subprocess, same client-side methods through the admin routes.
 log_client(emulator, ...): a real `aliyun.log.LogClient` for it (the proxy comes from the
     environment: apply `emulator.client_env()` to os.environ first).
+
+Rule-based consumption (SPL)
+----------------------------
+A pull with `query=<spl>` (the SDK adds `pullMode=scan_on_stream`; the emulator ignores that
+parameter) or `processor=<name>` gets the pulled LogGroups processed by the statement. spl.py
+is the engine; its docstring lists the SPL subset and its typing and null rules. Per pull:
+  * the statement is checked once (syntax and types): an invalid one is 400 ParameterInvalid
+    "invalid query: line L:C: ...", an unknown processor 404 ConsumeProcessorNotExist, both
+    query and processor 400 ParameterInvalid;
+  * `count` and the size cap apply to the LogGroups read; `x-log-cursor` moves past all of them,
+    whatever the statement kept;
+  * each LogGroup's logs are processed; those kept are written back as LogGroups (consecutive
+    logs with equal topic, source and tags share one, so a LogGroup normally stays one); a
+    LogGroup left without logs is not sent at all; a log the statement fails on (a cast of
+    'abc' to bigint) is dropped and counted;
+  * headers: `x-log-count` / `x-log-bodyrawsize` describe the processed body (0 / 0 when nothing
+    is left); `x-log-rawdatacount` / `x-log-rawdatasize` the LogGroups read and their raw size
+    (the SDK throttles on these when it sends a query or processor); `x-log-rawdatalines`,
+    `x-log-resultlines`, `x-log-failedlines` the logs read, returned and failed on.
+Sources: PullLogs https://help.aliyun.com/zh/sls/developer-reference/api-sls-2020-12-30-pulllogs
+(the query parameter), "Consume Processor" https://www.alibabacloud.com/help/en/sls/data-consumption-processor,
+PutConsumeProcessor https://help.aliyun.com/zh/sls/developer-reference/api-sls-2020-12-30-putconsumeprocessor
+({"configuration": {"spl": ...}}); the header names and meanings from the SDKs: Python
+pulllog_response.py and consumer/shard_worker.py, Java PullLogsResponse (x-log-count must equal
+the LogGroups in the body), Go log_store.go/model.go (rawdatalines, resultlines, failedlines);
+the error text format from an SLS answer quoted in aliyun/alibabacloud-observability-mcp-server#41
+("ParameterInvalid", "invalid query: line 1:60 mismatched input ...", for a GetLogs SPL query).
+Not documented, so chosen here: emptied LogGroups are omitted (the Go consumer expects "empty
+content (filter by query)"); a failing log is dropped rather than failing the pull; the error
+codes for an invalid statement (ParameterInvalid, as for GetLogs) and an unknown processor
+(ConsumeProcessorNotExist, after ConsumerGroupNotExist); query together with processor is an
+error. Known differences from SLS: processors are defined through the admin route, not
+PutConsumeProcessor (no display name, description, List/Get/Delete); only the subset of SPL in
+spl.py, and a statement outside it is answered ParameterInvalid even where SLS would accept it;
+LogGroup fields the emulator never writes (Category, MachineUUID) are dropped by processing;
+no SPL length, pipeline-depth, memory or time limits.
 """
 from __future__ import annotations
 
@@ -172,6 +213,7 @@ import bisect
 import functools
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import re
@@ -192,6 +234,11 @@ from typing import Callable, Iterable, Optional
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import lz4.block
+
+if __package__:
+    from . import spl
+else:  # run as a script: tests/ is sys.path[0]
+    import spl
 
 ADDR_LINE_PREFIX = "SLS_EMULATOR_ADDR="
 FAKE_ENDPOINT = "http://sls.emulator.test"
@@ -266,31 +313,93 @@ def _read_varint(data: bytes, pos: int) -> tuple:
         shift += 7
 
 
-def count_logs(log_group: bytes) -> int:
-    """Number of Logs in a serialized LogGroup; ValueError if it is not well-formed protobuf."""
-    logs = pos = 0
-    while pos < len(log_group):
-        key, pos = _read_varint(log_group, pos)
+def _scan(message: bytes):
+    """(field number, wire type, start, end) of each field of a protobuf message, where
+    message[start:end] is the value; ValueError if it is not well-formed protobuf."""
+    pos = 0
+    while pos < len(message):
+        key, pos = _read_varint(message, pos)
         wire_type = key & 7
         if wire_type == 0:
-            _, pos = _read_varint(log_group, pos)
+            end = _read_varint(message, pos)[1]
         elif wire_type == 2:
-            length, pos = _read_varint(log_group, pos)
-            pos += length
-            if key >> 3 == 1:  # LogGroup.Logs
-                logs += 1
+            length, pos = _read_varint(message, pos)
+            end = pos + length
         elif wire_type in (1, 5):
-            pos += 8 if wire_type == 1 else 4
+            end = pos + (8 if wire_type == 1 else 4)
         else:
             raise ValueError(f"unsupported wire type {wire_type}")
-        if pos > len(log_group):
+        if end > len(message):
             raise ValueError("field runs past the end")
+        yield key >> 3, wire_type, pos, end
+        pos = end
+
+
+def count_logs(log_group: bytes) -> int:
+    """Number of Logs in a serialized LogGroup; ValueError if it is not well-formed protobuf."""
+    return sum(1 for number, wire_type, _, _ in _scan(log_group) if (number, wire_type) == (1, 2))
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")  # raw 0x80..0xFF survive as U+DC80..U+DCFF
+
+
+def _decode_log_group(log_group: bytes) -> list:
+    """The Logs of a serialized LogGroup as spl.Log, each with the group's topic, source and tags
+    (fields the emulator never writes, such as Category, are skipped)."""
+    logs, topic, source, tags = [], None, None, []
+    for number, wire_type, start, end in _scan(log_group):
+        value = log_group[start:end]
+        if (number, wire_type) == (1, 2):
+            logs.append(_decode_log(value))
+        elif (number, wire_type) == (3, 2):
+            topic = _text(value)
+        elif (number, wire_type) == (4, 2):
+            source = _text(value)
+        elif (number, wire_type) == (6, 2):
+            tags.append(_decode_pair(value))
+    for log in logs:
+        log.topic, log.source, log.tags = topic, source, list(tags)
     return logs
+
+
+def _decode_log(message: bytes) -> spl.Log:
+    log = spl.Log(time=0)
+    for number, wire_type, start, end in _scan(message):
+        if (number, wire_type) == (1, 0):
+            log.time = _read_varint(message, start)[0]
+        elif (number, wire_type) == (2, 2):
+            log.contents.append(_decode_pair(message[start:end]))
+        elif (number, wire_type) == (4, 5):
+            log.time_ns = int.from_bytes(message[start:end], "little")
+    return log
+
+
+def _decode_pair(message: bytes) -> tuple:
+    """(Key = 1, Value = 2) of a Log.Content or LogTag."""
+    pair = {number: _text(message[start:end]) for number, _, start, end in _scan(message)}
+    return pair.get(1, ""), pair.get(2, "")
+
+
+def _encode_logs(logs: list) -> list:
+    """Serialized LogGroups of spl.Logs: consecutive logs with equal topic, source and tags share one."""
+    groups = []
+    for (topic, source, tags), members in itertools.groupby(
+            logs, key=lambda log: (log.topic, log.source, tuple(log.tags))):
+        groups.append(_encode_log_group(
+            [_log_message(log.time, log.time_ns, log.contents) for log in members],
+            None if topic is None else _wire(topic), None if source is None else _wire(source),
+            tuple((_wire(key), _wire(value)) for key, value in tags)))
+    return groups
 
 
 def _frame(log_group: bytes) -> bytes:
     """The LogGroup as one `LogGroups` entry of a LogGroupList, so answers are concatenations."""
     return b"\x0a" + _varint(len(log_group)) + log_group
+
+
+def _unframe(frame: bytes) -> bytes:
+    return frame[_read_varint(frame, 1)[1]:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,13 +459,20 @@ def _encode_log(log: dict) -> tuple:
         elif key.startswith("__tag__:"):
             tags.append((_wire(key[len("__tag__:"):]), _wire(value)))
         else:
-            value_bytes = _wire(value)
-            content = _key_field(key) + b"\x12" + _varint(len(value_bytes)) + value_bytes
-            contents += (b"\x12", _varint(len(content)), content)  # Contents = 2: {Key, Value}
-    encoded = b"\x08" + _varint(log_time) + b"".join(contents)  # Time = 1
+            contents.append((key, value))
+    return _log_message(log_time, time_ns, contents), log_time, (topic, source, tuple(tags))
+
+
+def _log_message(log_time: int, time_ns: Optional[int], contents: list) -> bytes:
+    """A serialized Log: Time = 1, then Contents = 2 ({Key, Value}) in order, then Time_ns = 4."""
+    parts = [b"\x08", _varint(log_time)]
+    for key, value in contents:
+        value_bytes = _wire(value)
+        content = _key_field(key) + b"\x12" + _varint(len(value_bytes)) + value_bytes
+        parts += (b"\x12", _varint(len(content)), content)
     if time_ns is not None:
-        encoded += b"\x25" + time_ns.to_bytes(4, "little")  # Time_ns = 4, fixed32
-    return encoded, log_time, (topic, source, tuple(tags))
+        parts.append(b"\x25" + time_ns.to_bytes(4, "little"))  # fixed32
+    return b"".join(parts)
 
 
 def _unsigned(key: str, value: str, maximum: int) -> int:
@@ -687,6 +803,12 @@ class TemporaryCredential:
     expiration: float  # unix seconds
 
 
+@functools.lru_cache(maxsize=64)
+def _parsed_statement(text: str) -> spl.Statement:
+    """A consumer sends the same query with every pull: parse each text once."""
+    return spl.parse_statement(text)
+
+
 class SlsService:
     """One SLS project with one logstore of `shards` shards, checked against one permanent
     AccessKey pair and the temporary ones added with add_credentials."""
@@ -712,6 +834,8 @@ class SlsService:
         self._temporary_credentials: dict = {}   # AccessKey ID -> TemporaryCredential
         self._requests_by_access_key: dict = {}  # AccessKey ID -> authenticated requests
         self._refusals_by_access_key: dict = {}  # AccessKey ID -> {reason: refused requests}
+        self._processors: dict = {}  # consume processor name -> spl.Statement
+        self._spl_counts = {"pulls": 0, "raw_logs": 0, "result_logs": 0, "failed_logs": 0}
 
     # -- entry point ----------------------------------------------------------------------
 
@@ -1018,6 +1142,16 @@ class SlsService:
             parent.seal(children)
         self._writable = [s for s in self._shards if s.writable]
 
+    def add_processor(self, name: str, statement: str) -> dict:
+        """Define or replace a consume processor (what PutConsumeProcessor does in SLS); an
+        invalid statement raises spl.SplError (a ValueError) and defines nothing."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a processor name must be a non-empty string, got {name!r}")
+        parsed = spl.parse_statement(statement)
+        with self._lock:
+            self._processors[name] = parsed
+        return {"name": name, "spl": statement}
+
     def state(self) -> dict:
         now = time.time()
         with self._lock:
@@ -1039,6 +1173,8 @@ class SlsService:
                                            for access_key_id, reasons
                                            in sorted(self._refusals_by_access_key.items())},
                 "faults": [f.describe(now) for f in self._faults],
+                "processors": {name: s.text for name, s in sorted(self._processors.items())},
+                "spl": dict(self._spl_counts),
             }
 
     # -- SLS operations (§5) -----------------------------------------------------------------
@@ -1091,6 +1227,7 @@ class SlsService:
         count = params.get("count", "1000")
         if not count.isdigit() or not 0 < int(count) <= MAX_PULL_COUNT:
             raise SlsError(400, "ParameterInvalid", f"count must be 1..{MAX_PULL_COUNT}, got {count!r}")
+        statement = self._pull_statement(params)
         with self._lock:
             shard = self._shard(route.shard)
             start = shard.index(params.get("cursor", ""))
@@ -1104,15 +1241,64 @@ class SlsService:
                 break
             raw_size += len(frame)
             taken += 1
-        raw = b"".join(frames[:taken])
         reply_headers = {"Content-Type": "application/x-protobuf",
-                         "x-log-cursor": shard.cursor(start + taken),
-                         "x-log-count": str(taken),
-                         "x-log-bodyrawsize": str(len(raw))}
+                         "x-log-cursor": shard.cursor(start + taken)}
+        if statement is None:
+            raw, group_count = b"".join(frames[:taken]), taken
+        else:  # the cursor still moves over every LogGroup read, whatever the statement kept
+            raw, group_count, spl_headers = self._process(statement, frames[:taken])
+            reply_headers.update(spl_headers)
+        reply_headers.update({"x-log-count": str(group_count), "x-log-bodyrawsize": str(len(raw))})
         if raw and "lz4" in (headers.get("Accept-Encoding") or "").lower():
             raw = lz4.block.compress(raw, store_size=False)
             reply_headers["x-log-compresstype"] = "lz4"
         return Reply(200, raw, reply_headers)
+
+    def _pull_statement(self, params: dict) -> Optional[spl.Statement]:
+        """The SPL statement of a pull (its query, or its consume processor's), checked once."""
+        query, processor = params.get("query", ""), params.get("processor", "")
+        if query.strip() and processor:
+            raise SlsError(400, "ParameterInvalid", "give either query or processor, not both")
+        if processor:
+            with self._lock:
+                statement = self._processors.get(processor)
+            if statement is None:
+                raise SlsError(404, "ConsumeProcessorNotExist", f"consume processor {processor} does not exist")
+            return statement
+        if not query.strip():
+            return None
+        try:
+            return _parsed_statement(query)
+        except spl.SplError as exc:
+            raise SlsError(400, "ParameterInvalid", f"invalid query: {exc}") from None
+
+    def _process(self, statement: spl.Statement, frames: list) -> tuple:
+        """(body, LogGroups in it, SPL headers) for LogGroups processed by an SPL statement. A
+        LogGroup left without logs is not sent; a log the statement fails on is dropped."""
+        body, group_count, raw_logs, result_logs, failed_logs = [], 0, 0, 0, 0
+        for frame in frames:
+            results = []
+            for log in _decode_log_group(_unframe(frame)):
+                raw_logs += 1
+                try:
+                    result = statement.run(log)
+                except spl.SplRuntimeError:
+                    failed_logs += 1
+                    continue
+                if result is not None:
+                    results.append(result)
+            result_logs += len(results)
+            groups = _encode_logs(results)
+            group_count += len(groups)
+            body += map(_frame, groups)
+        with self._lock:
+            for key, value in (("pulls", 1), ("raw_logs", raw_logs), ("result_logs", result_logs),
+                               ("failed_logs", failed_logs)):
+                self._spl_counts[key] += value
+        return b"".join(body), group_count, {
+            "x-log-rawdatacount": str(len(frames)), "x-log-rawdatasize": str(sum(map(len, frames))),
+            "x-log-rawdatalines": str(raw_logs), "x-log-resultlines": str(result_logs),
+            "x-log-failedlines": str(failed_logs)}
 
     def _op_put(self, route, params, headers, body) -> Reply:
         log_group = self._decompress(headers, body)
@@ -1272,6 +1458,9 @@ class SlsService:
                 return Reply.json(self.merge(json.loads(body)["shard"]))
             if (method, path) == ("POST", "/_emulator/credentials"):
                 return Reply.json(self.add_credentials(**json.loads(body)))
+            if (method, path) == ("POST", "/_emulator/processors"):
+                spec = json.loads(body)
+                return Reply.json(self.add_processor(spec["name"], spec["spl"]))
         except (ValueError, TypeError, KeyError) as exc:
             raise SlsError(400, "ParameterInvalid", f"bad admin request: {exc!r}") from None
         raise SlsError(404, "RequestNotSupported", f"no admin route {method} {path}")
@@ -1468,6 +1657,9 @@ class EmulatorProcess(_ClientSide):
         return self._admin("POST", "credentials", json.dumps({
             "access_key_id": access_key_id, "access_key_secret": access_key_secret,
             "security_token": security_token, "expiration": expiration}).encode())
+
+    def add_processor(self, name: str, statement: str) -> dict:
+        return self._admin("POST", "processors", json.dumps({"name": name, "spl": statement}).encode())
 
     def stop(self, timeout: float = 15) -> int:
         """SIGTERM, wait, and return the exit code (0 when it shut down cleanly)."""
