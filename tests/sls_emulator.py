@@ -1,6 +1,6 @@
 """A local Alibaba Cloud Log Service (SLS) emulator that the unmodified SDK cannot tell from SLS.
 
-It speaks the SLS REST wire protocol (../shared/sls-wire-protocol.md) for one project with one
+It speaks the SLS REST wire protocol (as aliyun-log-python-sdk speaks it) for one project with one
 logstore: PutLogs, ListShards, GetCursor, GetCursorTime, PullLogs, consumer groups (create /
 update / list / delete, heartbeat with shard balancing and consumer expiry, checkpoints, in-order
 consumption), with v1 and v4 signature verification, SLS-format errors, fault injection, shard

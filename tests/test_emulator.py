@@ -10,25 +10,21 @@ import signal
 import time
 
 import pytest
-from aliyun.log import LogClient, LogException, LogItem, PutLogsRequest
+from aliyun.log import LogClient, LogException
 from aliyun.log.auth import AUTH_VERSION_4
-from aliyun.log.consumer import ConsumerProcessorBase, ConsumerWorker, CursorPosition, LogHubConfig
 
-from tests.sls_emulator import EmulatorProcess, SlsEmulator, log_client
-from tests.waf_logs import hostile_logs, realistic_logs, write_jsonl
 from tests.polling import wait_until
+from tests.sdk_consumer import (AKID, LOGSTORE, PROJECT, SECRET, content, emulator_for_sdk, pulled_logs, put,
+                                start_worker, stop_worker)
+from tests.sls_emulator import EmulatorProcess, log_client
+from tests.waf_logs import hostile_logs, realistic_logs, write_jsonl
 
 pytestmark = pytest.mark.slow
-
-PROJECT, LOGSTORE = "waf-project", "waf-logstore"
-AKID, SECRET = "test-akid", "test-secret"
 
 
 @pytest.fixture
 def emulator(monkeypatch):
-    with SlsEmulator(PROJECT, LOGSTORE, 4, AKID, SECRET, group_size=10) as emu:
-        for name, value in emu.client_env().items():
-            monkeypatch.setenv(name, value)
+    with emulator_for_sdk(monkeypatch, 4, group_size=10) as emu:
         yield emu
 
 
@@ -39,61 +35,6 @@ def client(emulator):
 
 def shard_states(emulator):
     return emulator.state()["logstores"][LOGSTORE]["shards"]
-
-
-def put(client, logs, **request_options):
-    """One SDK put_logs call (one LogGroup) with the logs' content fields."""
-    items = []
-    for log in logs:
-        item = LogItem(timestamp=int(log["__time__"]))
-        for key, value in log.items():
-            if not key.startswith("__"):
-                item.push_back(key, value)  # LogItem(contents=...) deep-copies: 20x slower
-        items.append(item)
-    client.put_logs(PutLogsRequest(PROJECT, LOGSTORE, "waf_access_log", "192.0.2.1", items,
-                                   logtags=[("batch", logs[0]["request_traceid"])], **request_options))
-
-
-def content(log, key):
-    return next(c.Value for c in log.Contents if c.Key == key)
-
-
-def pulled_logs(response):
-    return [log for group in response.get_loggroup_list().LogGroups for log in group.Logs]
-
-
-# ---------------------------------------------------------------------------------------------
-# Consumer groups end to end.
-
-class RecordingProcessor(ConsumerProcessorBase):
-    """Records (traceid, consumer, shard) for every log and persists the checkpoint after every
-    batch, so that the stored checkpoint is exact whenever a shard changes hands."""
-
-    def __init__(self, consumer_name, seen):
-        super().__init__()
-        self.consumer_name, self.seen = consumer_name, seen
-
-    def process(self, log_group_list, check_point_tracker):
-        for group in log_group_list.LogGroups:
-            for log in group.Logs:
-                self.seen.append((content(log, "request_traceid"), self.consumer_name, self.shard_id))
-        self.save_checkpoint(check_point_tracker, force=True)
-
-
-def start_worker(emulator, name, seen, **options):
-    """A started ConsumerWorker of group "forwarder"; options go to LogHubConfig (in_order, ...)."""
-    option = LogHubConfig(emulator.endpoint, AKID, SECRET, PROJECT, LOGSTORE, "forwarder", name,
-                          cursor_position=CursorPosition.BEGIN_CURSOR, heartbeat_interval=1,
-                          data_fetch_interval=0.1, max_fetch_log_group_size=5, **options)
-    worker = ConsumerWorker(RecordingProcessor, option, args=(name, seen))
-    worker.start()
-    return worker
-
-
-def stop_worker(worker):
-    worker.shutdown()
-    worker.join(timeout=60)
-    assert not worker.is_alive()
 
 
 def test_two_consumer_workers_share_shards_and_consume_every_log_exactly_once(emulator, client):

@@ -17,10 +17,10 @@ from aliyun.log.credentials import Credentials, CredentialsProvider
 
 from tests.ecs_metadata import EcsMetadataServer
 from tests.polling import wait_until
-from tests.sls_emulator import EmulatorProcess, SlsEmulator, log_client
+from tests.sdk_consumer import AKID, LOGSTORE, PROJECT, emulator_for_sdk
+from tests.sls_emulator import EmulatorProcess, log_client
 
-PROJECT, LOGSTORE = "waf-project", "waf-logstore"
-AKID, SECRET = "test-akid", "test-secret"
+pytestmark = pytest.mark.slow
 ROLE = "sls-forwarder-role"
 V4 = {"auth_version": AUTH_VERSION_4, "region": "cn-hangzhou"}
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -28,9 +28,7 @@ DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 @pytest.fixture
 def emulator(monkeypatch):
-    with SlsEmulator(PROJECT, LOGSTORE, 1, AKID, SECRET) as emu:
-        for name, value in emu.client_env().items():
-            monkeypatch.setenv(name, value)
+    with emulator_for_sdk(monkeypatch, 1) as emu:
         yield emu
 
 

@@ -9,10 +9,12 @@ import pytest
 from aliyun.log import LogException
 
 from tests.polling import wait_until
-from tests.sls_emulator import EmulatorProcess, SlsEmulator, SlsError, log_client
-from tests.test_emulator import (AKID, LOGSTORE, PROJECT, SECRET, content, pulled_logs, put,
-                                 start_worker, stop_worker)
+from tests.sdk_consumer import (LOGSTORE, PROJECT, content, emulator_for_sdk, pulled_logs, put,
+                                start_worker, stop_worker)
+from tests.sls_emulator import EmulatorProcess, SlsError, log_client
 from tests.waf_logs import realistic_logs
+
+pytestmark = pytest.mark.slow
 
 LAST_KEY = "f" * 32  # ListShards shows the end of the key space as ff...f
 
@@ -25,9 +27,7 @@ def key(hex_prefix):
 @pytest.fixture
 def emulator(monkeypatch):
     """Two shards, [00.., 80..) and [80.., ff..]; ten logs per LogGroup."""
-    with SlsEmulator(PROJECT, LOGSTORE, 2, AKID, SECRET, group_size=10) as emu:
-        for name, value in emu.client_env().items():
-            monkeypatch.setenv(name, value)
+    with emulator_for_sdk(monkeypatch, 2, group_size=10) as emu:
         yield emu
 
 

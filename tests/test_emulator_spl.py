@@ -8,14 +8,13 @@ import urllib.request
 import pytest
 from aliyun.log import LogException
 from aliyun.log.auth import AUTH_VERSION_4
-from aliyun.log.consumer import ConsumerProcessorBase, ConsumerWorker, CursorPosition, LogHubConfig
 
 from tests.polling import wait_until
-from tests.sls_emulator import EmulatorProcess, SlsEmulator, log_client
+from tests.sdk_consumer import AKID, LOGSTORE, PROJECT, SECRET, emulator_for_sdk, start_worker, stop_worker
+from tests.sls_emulator import EmulatorProcess, log_client
 from tests.waf_logs import realistic_logs
 
-PROJECT, LOGSTORE = "waf-project", "waf-logstore"
-AKID, SECRET = "test-akid", "test-secret"
+pytestmark = pytest.mark.slow
 GROUP_SIZE, SHARDS = 10, 2
 
 # What a SIEM wants: logs some WAF module acted on, except CC, with five fields.
@@ -61,9 +60,7 @@ def logs():
 @pytest.fixture
 def emulator(monkeypatch, logs):
     """An in-process emulator holding `logs`, and the SDK's proxy settings pointing at it."""
-    with SlsEmulator(PROJECT, LOGSTORE, SHARDS, AKID, SECRET, group_size=GROUP_SIZE) as emu:
-        for name, value in emu.client_env().items():
-            monkeypatch.setenv(name, value)
+    with emulator_for_sdk(monkeypatch, SHARDS, group_size=GROUP_SIZE) as emu:
         emu.add_logs(logs)
         yield emu
 
@@ -212,18 +209,8 @@ def test_a_log_the_statement_fails_on_is_counted_and_dropped(emulator):
     assert emulator.state()["spl"]["failed_logs"] == 1
 
 
-class RecordingProcessor(ConsumerProcessorBase):
-    """Records every log it gets and persists the checkpoint after every batch."""
-
-    def __init__(self, seen):
-        super().__init__()
-        self.seen = seen
-
-    def process(self, log_group_list, check_point_tracker):
-        for group in log_group_list.LogGroups:
-            for log in group.Logs:
-                self.seen.append({c.Key: c.Value for c in log.Contents})
-        self.save_checkpoint(check_point_tracker, force=True)
+def fields(log, *_):
+    return {c.Key: c.Value for c in log.Contents}
 
 
 def test_consumer_workers_with_a_query_and_with_a_processor_get_only_matching_logs(emulator, logs):
@@ -231,14 +218,8 @@ def test_consumer_workers_with_a_query_and_with_a_processor_get_only_matching_lo
     expected = sorted((view["request_traceid"], view["client"])
                       for view in map(siem_view, logs) if view)
     seen = {"query": [], "processor": []}
-    workers = []
-    for group, spl_option in (("query", {"query": SIEM_SPL}), ("processor", {"processor": "siem"})):
-        option = LogHubConfig(emulator.endpoint, AKID, SECRET, PROJECT, LOGSTORE, group, "c1",
-                              cursor_position=CursorPosition.BEGIN_CURSOR, heartbeat_interval=1,
-                              data_fetch_interval=0.1, max_fetch_log_group_size=5, **spl_option)
-        workers.append(ConsumerWorker(RecordingProcessor, option, args=(seen[group],)))
-    for worker in workers:
-        worker.start()
+    workers = [start_worker(emulator, "c1", seen[group], group=group, record=fields, **spl_option)
+               for group, spl_option in (("query", {"query": SIEM_SPL}), ("processor", {"processor": "siem"}))]
     try:
         total = len(logs)
         # Both groups read every LogGroup, up to the ten trailing all-pass ones.
@@ -254,10 +235,7 @@ def test_consumer_workers_with_a_query_and_with_a_processor_get_only_matching_lo
             assert all(position(before[group][shard]) < position(end) for shard, end in ends.items())
     finally:
         for worker in workers:
-            worker.shutdown()
-        for worker in workers:
-            worker.join(timeout=60)
-            assert not worker.is_alive()
+            stop_worker(worker)
 
     for received in seen.values():
         assert sorted((log["request_traceid"], log["client"]) for log in received) == expected

@@ -28,19 +28,16 @@ from aliyun.log.pulllog_response import PullLogResponse
 import sync_waf_to_syslog as fwd
 from tests.forwarder_process import SCRIPT, with_fault
 from tests.polling import poll
-from tests.sls_emulator import SlsEmulator
+from tests.sdk_consumer import AKID, LOGSTORE, PROJECT, SECRET, emulator_for_sdk
 from tests.waf_logs import realistic_logs
 
-PROJECT, LOGSTORE, GROUP = "waf-project", "waf-logstore", "canaries"
-AKID, SECRET = "canary-akid", "canary-secret"
+GROUP = "canaries"
 LOGS = 40  # 8 LogGroups of 5, over 2 shards
 
 
 @pytest.fixture
 def emulator(monkeypatch):
-    with SlsEmulator(PROJECT, LOGSTORE, 2, AKID, SECRET, group_size=5) as emu:
-        for name, value in emu.client_env().items():
-            monkeypatch.setenv(name, value)
+    with emulator_for_sdk(monkeypatch, 2, group_size=5) as emu:
         emu.add_logs(realistic_logs(LOGS, seed=5))
         yield emu
 
