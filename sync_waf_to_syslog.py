@@ -221,6 +221,14 @@ def safe_file_name(text):
     return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
+def cursor_number(cursor):
+    """SLS cursors are base64 of a decimal position; None for anything else."""
+    try:
+        return int(base64.b64decode(cursor.strip() + "=" * (-len(cursor.strip()) % 4)))
+    except (ValueError, TypeError):
+        return None
+
+
 def utf8_boundary(data, end):
     """The largest index <= end that does not split a UTF-8 character of data."""
     if end >= len(data):
@@ -1916,14 +1924,6 @@ class ResilientConsumerClient(ConsumerClient):
         for shard, (consumer, cursor) in retry:
             self.update_check_point(shard, consumer, cursor)
         return not self.unsaved
-
-
-def cursor_number(cursor):
-    """SLS cursors are base64 of a decimal position; None for anything else."""
-    try:
-        return int(base64.b64decode(cursor.strip() + "=" * (-len(cursor.strip()) % 4)))
-    except (ValueError, TypeError):
-        return None
 
 
 class SdkLogFilter(logging.Filter):
