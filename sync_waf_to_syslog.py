@@ -50,11 +50,16 @@ SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
                                                                                     default begin
   SLS_CURSOR_END          stop after logs received up to this ISO-8601 time (replay/backfill)
   SLS_HEARTBEAT_INTERVAL  seconds between consumer-group heartbeats                    default 20
-  SLS_FETCH_INTERVAL      seconds between fetch rounds; each round hands every shard at most one
-                          batch, and a log waits up to about two rounds; an idle shard
-                          is still pulled only twice a second                         default 0.05
-  SLS_MAX_FETCH_GROUPS    most log groups fetched per pull (1-1000); memory grows with it (the
-                          SDK holds about three batches per shard)                    default 100
+  SLS_FETCH_BYTES         raw (uncompressed) bytes a pull should carry: each shard's next pull asks
+                          for as many log groups as its last pulls say fit, whether a group holds
+                          one log or a thousand (K, M suffixes allowed)                 default 2M
+  SLS_BUFFER_BYTES        most raw bytes all shards of this process hold at once (each shard holds
+                          up to three pulls: being sent, waiting, being fetched); pulls shrink
+                          when many shards are held                                    default 64M
+  SLS_MAX_FETCH_GROUPS    most log groups a pull asks for (1-1000, SLS's own limit)   default 1000
+  SLS_FETCH_INTERVAL      seconds between fetch rounds while a shard has a backlog; each round
+                          hands every shard at most one pull. Without a backlog rounds are 0.25 s
+                          apart and an idle shard is pulled twice a second            default 0.05
   SLS_WORKER_POOL_SIZE    SDK threads shared by fetching and processing                  default 2
   SLS_TOPICS              send only logs of these topics (comma list, e.g. waf_access_log); the
                           others are skipped, yet checkpointed as done                default all
@@ -141,6 +146,7 @@ import errno
 import fcntl
 import fnmatch
 import functools
+import itertools
 import json
 import logging
 import logging.handlers
@@ -283,8 +289,10 @@ class Settings:
     sls_cursor_start: str          # "begin", "end" or unix seconds as a string
     sls_cursor_end: str            # "" (run forever) or unix seconds as a string
     sls_heartbeat_interval: int
-    sls_fetch_interval: float
+    sls_fetch_bytes: int
+    sls_buffer_bytes: int
     sls_max_fetch_groups: int
+    sls_fetch_interval: float
     sls_worker_pool_size: int
     sls_topics: frozenset          # empty = every topic
     syslog_host: str
@@ -372,6 +380,21 @@ class _SettingsReader:
             return default
         if not minimum <= value <= maximum:
             self.problems.append(f"{name}: {raw} is out of range ({minimum}..{maximum})")
+            return default
+        return value
+
+    def size(self, name, default, minimum, maximum):
+        """A number of bytes, with an optional K, M or G suffix (powers of 1024)."""
+        raw = self.text(name)
+        if not raw:
+            return default
+        match = re.fullmatch(r"(\d+)\s*([KMG]?)i?B?", raw, re.IGNORECASE)
+        if not match:
+            self.problems.append(f"{name}: {raw!r} is not a size in bytes, e.g. 2097152 or 2M")
+            return default
+        value = int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
+        if not minimum <= value <= maximum:
+            self.problems.append(f"{name}: {raw} is out of range ({minimum}..{maximum} bytes)")
             return default
         return value
 
@@ -503,8 +526,10 @@ class _SettingsReader:
             sls_cursor_start=self.timestamp("SLS_CURSOR_START", "begin", ("begin", "end")),
             sls_cursor_end=self.timestamp("SLS_CURSOR_END", "", ("end",)),
             sls_heartbeat_interval=self.number("SLS_HEARTBEAT_INTERVAL", 20, 1, 3600),
+            sls_fetch_bytes=self.size("SLS_FETCH_BYTES", 2 << 20, 16 << 10, 256 << 20),
+            sls_buffer_bytes=self.size("SLS_BUFFER_BYTES", 64 << 20, 1 << 20, 16 << 30),
+            sls_max_fetch_groups=self.number("SLS_MAX_FETCH_GROUPS", 1000, 1, 1000),
             sls_fetch_interval=self.number("SLS_FETCH_INTERVAL", 0.05, 0.01, 3600, float),
-            sls_max_fetch_groups=self.number("SLS_MAX_FETCH_GROUPS", 100, 1, 1000),
             sls_worker_pool_size=self.number("SLS_WORKER_POOL_SIZE", 2, 1, 64),
             sls_topics=frozenset(self.name_list("SLS_TOPICS")),
             syslog_host=self.required("SYSLOG_HOST"),
@@ -816,8 +841,9 @@ _OTHER_CONTROLS = {c: text for c, text in _CONTROL_TEXT.items() if c not in "\t\
 # CEF escaping: header \ and |; extension \ and =, line breaks as \n and \r. The backslash of a
 # control character's text is escaped too, so a parser gives back that text.
 _escape_cef_header = replacer({"\\": "\\\\", "|": "\\|", **{c: "\\" + t for c, t in _CONTROL_TEXT.items()}})
-_escape_cef_value = replacer({"\\": "\\\\", "=": "\\=", "\n": "\\n", "\r": "\\r",
-                              **{c: "\\" + t for c, t in _OTHER_CONTROLS.items()}})
+_CEF_VALUE_ESCAPES = {"\\": "\\\\", "=": "\\=", "\n": "\\n", "\r": "\\r",
+                      **{c: "\\" + t for c, t in _OTHER_CONTROLS.items()}}
+_escape_cef_value = replacer(_CEF_VALUE_ESCAPES)
 _CEF_LABELED_KEY = re.compile(r"(cs|cn|cfp|c6a|flexString|flexNumber|flexDate)\d")
 _CEF_PREFIX = "CEF:0|" + "|".join(map(_escape_cef_header, (DEVICE_VENDOR, DEVICE_PRODUCT,
                                                              DEVICE_VERSION)))
@@ -836,10 +862,16 @@ def cef_key(name):
     return key, (key + "Label" if _CEF_LABELED_KEY.fullmatch(key) else None)
 
 
+@functools.lru_cache(maxsize=1024)
+def cef_header(event):
+    """The CEF header, up to the extension, for `event` (from waf_event)."""
+    event_id, name, severity = event
+    return f"{_CEF_PREFIX}|{_escape_cef_header(event_id)}|{_escape_cef_header(name)}|{severity}|"
+
+
 def encode_cef(fields, event):
     """MSG body in CEF: the header names the WAF's decision (`event`, from waf_event), the
     extension holds the fields under their keys (CEF_KEYS, cef_key), empty values left out."""
-    event_id, name, severity = event
     pairs = []
     for field, value in fields:
         if not value:
@@ -854,8 +886,7 @@ def encode_cef(fields, event):
         pairs.append(f"{key}={_escape_cef_value(value)}")
         if label:
             pairs.append(f"{label}={_escape_cef_value(field)}")
-    return (f"{_CEF_PREFIX}|{_escape_cef_header(event_id)}|{_escape_cef_header(name)}|{severity}|"
-            + " ".join(pairs))
+    return cef_header(event) + " ".join(pairs)
 
 
 # LEEF has no escaping: what would break an event is replaced by text (\n, \r, \t, \xHH): control
@@ -865,10 +896,15 @@ _LEEF_PREFIX = "LEEF:2.0|" + "|".join(map(_replace_leef_header, (DEVICE_VENDOR, 
                                                                    DEVICE_VERSION)))
 
 
+def leef_value_replacements(delimiter):
+    """What replaces each character of a value that would break a LEEF event."""
+    return {**_OTHER_CONTROLS, "\n": "\\n", "\r": "\\r",
+            delimiter: _CONTROL_TEXT.get(delimiter, f"\\x{ord(delimiter):02x}")}
+
+
 @functools.lru_cache(maxsize=8)
 def leef_value_replacer(delimiter):
-    return replacer({**_OTHER_CONTROLS, "\n": "\\n", "\r": "\\r",
-                     delimiter: _CONTROL_TEXT.get(delimiter, f"\\x{ord(delimiter):02x}")})
+    return replacer(leef_value_replacements(delimiter))
 
 
 def leef_custom_key(name):
@@ -889,6 +925,14 @@ def leef_time(seconds):
             f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
 
 
+@functools.lru_cache(maxsize=1024)
+def leef_header(event_id, delimiter):
+    """The LEEF header, up to the attributes, for an event id."""
+    # The delimiter field: the character itself, or its hex code when it is not printable (TAB).
+    declared = delimiter if delimiter.isprintable() else f"x{ord(delimiter):02x}"
+    return f"{_LEEF_PREFIX}|{_replace_leef_header(event_id)}|{declared}|"
+
+
 def encode_leef(fields, event, delimiter):
     """MSG body in LEEF 2.0: the EventID names the WAF's decision (`event`, from waf_event), then
     sev and the fields under their keys (LEEF_KEYS, leef_key), empty values left out."""
@@ -906,9 +950,7 @@ def encode_leef(fields, event, delimiter):
                 continue
             key = leef_custom_key(field)  # not a time: sent as it is, under its own name
         attributes.append(f"{key}={replace(value)}")
-    # The delimiter field: the character itself, or its hex code when it is not printable (TAB).
-    declared = delimiter if delimiter.isprintable() else f"x{ord(delimiter):02x}"
-    return f"{_LEEF_PREFIX}|{_replace_leef_header(event_id)}|{declared}|" + delimiter.join(attributes)
+    return leef_header(event_id, delimiter) + delimiter.join(attributes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1009,10 +1051,11 @@ def largest(fits, high, low=0):
 # ================================================================================================
 # What is below gives, byte for byte, what the reference encoders above give, with a few C-level
 # passes per log instead of Python work per field (which is what limits the forwarder). It must
-# stay identical to them: tests/test_encoders.py proves it for any keys, values (invalid UTF-8,
-# NUL, separators), separators and field selection (test_fast_kv_path_equals_the_reference_*,
-# hypothesis), and for the reader against the SDK's own parse (test_reader_*). MessageEncoder
-# takes the fast path only while customize() is unchanged (customize_is_unchanged).
+# stay identical to them: tests/test_encoders.py (kv) and tests/test_encoders_siem.py (json, cef,
+# leef) prove it for any keys, values (invalid UTF-8, NUL, separators, times), separators, static
+# fields and field selection (test_fast_*_equals_the_reference*, hypothesis), and for the reader
+# against the SDK's own parse (test_reading_a_pull_*). MessageEncoder takes the fast path only
+# while customize() is unchanged (customize_is_unchanged).
 
 # ------------------------------------------------------------------------------------------------
 # Reading a pull: the uncompressed body of PullLogs, a serialized LogGroupList
@@ -1181,6 +1224,143 @@ def customize_is_unchanged():
     return customize.__code__.co_code == _returns_its_argument.__code__.co_code
 
 
+# ------------------------------------------------------------------------------------------------
+# json, cef and leef from per-key-set plans
+# ------------------------------------------------------------------------------------------------
+# As for kv: what repeats from log to log (which fields are sent under which name and key, where
+# the WAF's decision is read, the template) is worked out once per set of keys and, for cef and
+# leef, per set of non-empty values; per log there remain one decode of its values, one escaping
+# pass over them joined by NUL, and a %-template.
+
+def joined_replacer(table):
+    """replacer(table) for values joined by NUL: NUL itself stays, as the joiner."""
+    return replacer({c: text for c, text in table.items() if c != "\x00"})
+
+
+_escape_cef_joined = joined_replacer(_CEF_VALUE_ESCAPES)
+
+
+@functools.lru_cache(maxsize=8)
+def leef_joined_replacer(delimiter):
+    return joined_replacer(leef_value_replacements(delimiter))
+
+
+def siem_group_bodies(encoding, static_fields, shared, sent_name, delimiter, limit):
+    """For the logs of one LogGroup whose shared fields are `shared`: a function (log -> its json,
+    cef or leef body, UTF-8, or None for the reference path) giving what the reference path gives
+    for static_fields + select_fields(shared + log_fields(log)). A log whose values alone exceed
+    limit bytes, or holding NUL, takes the reference path."""
+    shared_names = tuple(name for name, _ in shared)
+    shared_values = [value for _, value in shared]
+    if any("\x00" in value for value in shared_values):
+        return lambda log: None
+
+    def body(log):
+        raw_values = log.Contents.Value
+        joined = b"\x00".join(raw_values)
+        if len(joined) > limit or joined.count(b"\x00") != len(raw_values) - 1:
+            return None
+        plan = siem_plan(encoding, tuple(static_fields), shared_names, tuple(log.Contents.Key), sent_name,
+                         delimiter)
+        if plan is None:
+            return None
+        text = plan(shared_values + joined.decode("utf-8", "replace").split("\x00")) if raw_values else \
+            plan(shared_values)
+        return None if text is None else text.encode()
+
+    return body
+
+
+@functools.lru_cache(maxsize=1024)
+def siem_plan(encoding, static_fields, shared_names, keys, sent_name, delimiter):
+    """plan(values) -> the body text for a log whose fields are shared_names + the names of keys
+    with these values, or None for the reference path; None when this set of keys always takes it
+    (json: a name sent twice)."""
+    names = shared_names + tuple(map(text_of, keys))
+    positions = [i for i, name in enumerate(names) if sent_name is None or sent_name(name) is not None]
+    sent_names = [name if sent_name is None else sent_name(name) for name in map(names.__getitem__, positions)]
+    quote = json.encoder.encode_basestring
+    if encoding == "json":
+        static_names = [name for name, _ in static_fields]
+        if len(set(static_names + sent_names)) != len(static_names) + len(sent_names):
+            return None
+        parts = [f"{quote(name)}:{quote(value)}".replace("%", "%%") for name, value in static_fields]
+        template = "{" + ",".join(parts + [quote(name).replace("%", "%%") + ":%s" for name in sent_names]) + "}"
+        return lambda values: template % tuple(map(quote, map(values.__getitem__, positions)))
+    event_of = event_plan(names)
+    static_present = tuple(bool(value) for _, value in static_fields)
+    templates = {}  # which of the log's sent values are non-empty -> siem_template()
+    escape = _escape_cef_joined if encoding == "cef" else leef_joined_replacer(delimiter)
+
+    every_field = len(positions) == len(names)
+
+    def plan(values):
+        sent = values if every_field else list(map(values.__getitem__, positions))
+        present = bytes(map(bool, sent))
+        if present not in templates:
+            fields = [field for field, kept in zip(static_fields, static_present) if kept] + \
+                     [(name, None) for name, kept in zip(sent_names, present) if kept]
+            templates[present] = siem_template(encoding, fields, delimiter)
+        if templates[present] is None:
+            return None
+        template, time_at = templates[present]
+        kept = list(itertools.compress(sent, present))
+        for i in time_at:
+            seconds = log_time_seconds(kept[i])
+            if seconds is None:  # not a time: the reference path sends it under another key
+                return None
+            kept[i] = str(seconds * 1000) if encoding == "cef" else leef_time(seconds)
+        escaped = escape("\x00".join(kept)).split("\x00") if kept else []
+        event = event_of(values)
+        if encoding == "cef":
+            return cef_header(event) + template % tuple(escaped)
+        return leef_header(event[0], delimiter) + template % (event[2], *escaped)
+
+    return plan
+
+
+def siem_template(encoding, fields, delimiter):
+    """(%-template of a cef extension or of leef attributes for these non-empty fields, positions
+    among the log's values of those that are times), or None for the reference path. A field's
+    value is None for a log's value (a %s), or a static value, escaped into the template here."""
+    parts, time_at, slots = [], [], 0
+    for name, value in fields:
+        static = value is not None
+        if encoding == "cef":
+            key, label = cef_key(name)
+            timed = key in CEF_TIME_KEYS
+        else:
+            key, label = leef_key(name), None
+            timed = key == "devTime"
+        if timed and static:
+            return None  # a static time field: the reference path converts it
+        if timed:
+            time_at.append(slots)
+        if static:
+            escaped = _escape_cef_value(value) if encoding == "cef" else leef_value_replacer(delimiter)(value)
+            parts.append(f"{key}={escaped}".replace("%", "%%"))
+        else:
+            parts.append(key.replace("%", "%%") + "=%s")
+            slots += 1
+        if label:
+            parts.append(f"{label}={_escape_cef_value(name)}".replace("%", "%%"))
+        if timed and encoding == "leef":
+            parts.append(f"devTimeFormat={LEEF_TIME_FORMAT}".replace("%", "%%"))
+    if encoding == "cef":
+        return " ".join(parts), time_at
+    return delimiter.replace("%", "%%").join(["sev=%s"] + parts), time_at
+
+
+def event_plan(names):
+    """event_of(values) -> waf_event of the fields (names, values): waf_event of only the fields
+    it reads, in their order, which gives the same."""
+    modules = {name[:-5] for name in names if name.endswith("_test")}
+    read = {"final_action", "final_plugin", "final_rule_id", "final_rule_type",
+            *(f"{module}{suffix}" for module in modules for suffix in ("_test", "_action", "_rule_id", "_rule_type"))}
+    positions = [i for i, name in enumerate(names) if name in read]
+    return lambda values: waf_event([(names[i], values[i]) for i in positions])
+
+
 # ================================================================================================
 # The encoder: a pull's LogGroups -> syslog messages
 # ================================================================================================
@@ -1194,8 +1374,8 @@ class MessageEncoder:
     The reference path, for every encoding: a log's fields (its group's shared fields, then its own)
     go through customize() (None drops the log); cef and leef take their header's WAF decision from
     the result; SYSLOG_FIELDS_* select from it; STATIC_FIELDS and SYSLOG_STATIC_FIELDS come first;
-    the body is encoded and cut to SYSLOG_MAX_MESSAGE_SIZE if need be. kv takes the fast path
-    instead while customize() is unchanged, with the same bytes."""
+    the body is encoded and cut to SYSLOG_MAX_MESSAGE_SIZE if need be. Every encoding takes the fast
+    path instead while customize() is unchanged, with the same bytes."""
 
     def __init__(self, settings, procid=None):
         self.settings = settings
@@ -1205,7 +1385,7 @@ class MessageEncoder:
                                         settings.syslog_fields_rename)
         self.static_fields = [*STATIC_FIELDS, *settings.syslog_static_fields]
         self.customize = customize
-        self.fast_kv = settings.syslog_encoding == "kv" and customize_is_unchanged()
+        self.fast = customize_is_unchanged()
 
     def header(self, seconds, nanoseconds):
         s = self.settings
@@ -1236,6 +1416,15 @@ class MessageEncoder:
         sent = self.static_fields + select_fields(fields, self.sent_name)
         return fit_message(header, sent, self.body_encoder(fields), self.settings.syslog_max_message_size)
 
+    def group_bodies(self, shared):
+        """The fast path's function (log -> its body, or None) for the logs of a LogGroup."""
+        s = self.settings
+        if s.syslog_encoding == "kv":
+            return kv_group_bodies(self.static_fields + select_fields(shared, self.sent_name), s.syslog_sep,
+                                   self.sent_name, s.syslog_max_message_size)
+        return siem_group_bodies(s.syslog_encoding, self.static_fields, shared, self.sent_name,
+                                 s.syslog_leef_delimiter, s.syslog_max_message_size)
+
     def encode(self, log_groups):
         """Encoded(messages, time of the newest log, messages truncated, logs filtered) for one
         pulled batch. Filtered logs (of a topic not in SLS_TOPICS, or dropped by customize()) give
@@ -1250,8 +1439,7 @@ class MessageEncoder:
                 filtered += len(group.Logs)
                 continue
             shared = group_fields(group)
-            fast_body = kv_group_bodies(self.static_fields + select_fields(shared, self.sent_name),
-                                        self.settings.syslog_sep, self.sent_name, max_size) if self.fast_kv else None
+            fast_body = self.group_bodies(shared) if self.fast else None
             for entry in group.Logs:
                 stamp = entry.Time, entry.Time_ns
                 header = headers.get(stamp)
@@ -1758,6 +1946,52 @@ class Stats:
                     f"truncated {t['truncated']}, filtered {t['filtered']}")
 
 
+class FetchBudget:
+    """How many LogGroups each shard's next pull asks for, so that a pull carries about
+    SLS_FETCH_BYTES of raw logs whether a LogGroup holds one log or a thousand (which no operator
+    controls: producers, quiet hours and Logtail's batching decide), and all held shards together
+    keep at most SLS_BUFFER_BYTES: a shard holds up to PULLS_PER_SHARD pulls at once (the SDK
+    prefetches one while another waits and a third is sent). A LogGroup's size is learnt from each
+    shard's pulls (x-log-bodyrawsize / x-log-count). Thread-safe: fetch tasks report, the worker
+    loop asks."""
+
+    PULLS_PER_SHARD = 3
+    FIRST_GROUP_BYTES = 1 << 20  # until a shard's pulls tell: assume big LogGroups, pull few
+    LEARNING = 0.5               # weight of the newest pull in a shard's LogGroup size
+
+    def __init__(self, settings):
+        self.pull_bytes = settings.sls_fetch_bytes
+        self.buffer_bytes = settings.sls_buffer_bytes
+        self.most_groups = settings.sls_max_fetch_groups
+        self.lock = threading.Lock()
+        self.group_bytes = {}  # shard -> raw bytes of one of its LogGroups, as learnt
+        self.asked = {}        # shard -> LogGroups its last pull was given to ask for
+        self.full = {}         # shard -> whether its last pull got all it asked for (a backlog)
+
+    def groups(self, shard, shards_held):
+        """The LogGroups the shard's next pull asks for, when this process holds shards_held."""
+        pull_bytes = min(self.pull_bytes, self.buffer_bytes // (self.PULLS_PER_SHARD * max(1, shards_held)))
+        with self.lock:
+            group_bytes = self.group_bytes.get(shard, self.FIRST_GROUP_BYTES)
+            count = self.asked[shard] = max(1, min(self.most_groups, int(pull_bytes / group_bytes)))
+        return count
+
+    def observe(self, shard, groups, raw_bytes):
+        """A pull of the shard came back with `groups` LogGroups, `raw_bytes` uncompressed."""
+        with self.lock:
+            if groups > 0:
+                size = raw_bytes / groups
+                known = self.group_bytes.get(shard)
+                self.group_bytes[shard] = size if known is None else known + self.LEARNING * (size - known)
+            self.full[shard] = groups > 0 and (groups >= self.asked.get(shard, self.most_groups)
+                                               or raw_bytes >= self.pull_bytes)
+
+    def backlog(self):
+        """Whether some shard's last pull was full: logs are waiting."""
+        with self.lock:
+            return any(self.full.values())
+
+
 class Forwarder:
     """Everything one consumer process shares across its shards."""
 
@@ -1765,6 +1999,7 @@ class Forwarder:
         self.settings = settings
         self.stop = stop
         self.stats = Stats()
+        self.budget = FetchBudget(settings)
         self.encoder = MessageEncoder(settings)
         self.delivery = Delivery(settings, TRANSPORTS[settings.syslog_protocol](settings), stop, self.stats)
         self.trackers = {}  # shard -> checkpoint tracker of its processor
@@ -1803,8 +2038,14 @@ class WafLogProcessor(ConsumerProcessorBase):
     def __init__(self, forwarder):
         super().__init__()
         self.forwarder = forwarder
-        self._preprocessor = read_pull  # the fetch task hands process() read_pull's LogGroups
+        self._preprocessor = self.read  # the fetch task hands process() what this returns
         self.warned = RateLimiter(60)
+
+    def read(self, response):
+        """The pull's LogGroups (read_pull), after noting its size for the fetch budget. It runs in
+        the SDK's fetch task, for every pull, empty ones too."""
+        self.forwarder.budget.observe(self.shard_id, response.get_loggroup_count(), response.get_raw_size())
+        return read_pull(response)
 
     def process(self, log_groups, tracker):
         try:
@@ -1846,15 +2087,24 @@ class WafLogProcessor(ConsumerProcessorBase):
 
 
 class WafConsumerWorker(ConsumerWorker):
-    """The SDK's ConsumerWorker with one fix (SDK 0.9.52): its heartbeat keeps listing every shard the
-    group gave this consumer until that shard's consumer has shut down. A shard given and taken back
-    between two rounds of the worker (a heartbeat interval not much longer than the fetch interval)
-    never got a shard consumer, so it stayed listed for ever and the group never handed it to the
-    consumer it now belongs to: nobody read it. Here such shards leave the heartbeat. It also notes
-    when its loop last went round (`last_round`), so supervise() sees a stuck loop."""
+    """The SDK's ConsumerWorker, run with a WafLogProcessor per shard, and:
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    * a fix (SDK 0.9.52): its heartbeat keeps listing every shard the group gave this consumer until
+      that shard's consumer has shut down. A shard given and taken back between two rounds of the
+      worker (a heartbeat interval not much longer than the fetch interval) never got a shard
+      consumer, so it stayed listed for ever and the group never handed it to the consumer it now
+      belongs to: nobody read it. Here such shards leave the heartbeat;
+    * fetching by volume: before each round's pulls, every shard consumer is told how many
+      LogGroups to ask for (FetchBudget), and the rounds follow each other at SLS_FETCH_INTERVAL
+      while a shard has a backlog, IDLE_INTERVAL otherwise;
+    * `last_round`: when its loop last went round, so supervise() sees a stuck loop."""
+
+    IDLE_INTERVAL = 0.25  # seconds between rounds without a backlog (idle shards are pulled 2/s anyway)
+
+    def __init__(self, forwarder, config):
+        super().__init__(WafLogProcessor, config, args=(forwarder,))
+        self.budget = forwarder.budget
+        self.backlog_interval = config.data_fetch_interval
         self.last_round = time.monotonic()  # supervise() checks that the loop keeps going round
 
     def clean_shard_consumer(self, owned_shards):
@@ -1864,6 +2114,11 @@ class WafConsumerWorker(ConsumerWorker):
         with beat.lock:  # the heartbeat thread changes both lists under this (re-entrant) lock
             for shard in set(beat.mheart_shards) - set(beat.mheld_shards) - set(self.shard_consumers):
                 beat.remove_heart_shard(shard)
+        held = list(self.shard_consumers.items())
+        for shard, consumer in held:  # read when the shard consumer makes its next pull
+            consumer.max_fetch_log_group_size = self.budget.groups(shard, len(held))
+        self.option.data_fetch_interval = (self.backlog_interval if self.budget.backlog()
+                                           else max(self.backlog_interval, self.IDLE_INTERVAL))
 
 
 class ResilientConsumerClient(ConsumerClient):
@@ -1994,6 +2249,10 @@ def sdk_internals():
          ConsumerCheckpointTracker, "set_persistent_check_point", {"last_persistent_checkpoint"}),
         ("the SDK tells each processor its shard_id",
          ConsumerProcessorBase, "initialize", {"shard_id"}),
+        ("a shard consumer asks each pull for its max_fetch_log_group_size LogGroups (FetchBudget)",
+         ShardConsumerWorker, "fetch_data", {"max_fetch_log_group_size"}),
+        ("ConsumerWorker.run waits option.data_fetch_interval between rounds, read every round",
+         ConsumerWorker, "run", {"option", "data_fetch_interval"}),
     ]
 
 
@@ -2039,7 +2298,7 @@ def run(settings):
     forwarder = Forwarder(settings, stop)
     config = consumer_config(settings)
     try:
-        worker = WafConsumerWorker(WafLogProcessor, config, args=(forwarder,))
+        worker = WafConsumerWorker(forwarder, config)
     except ClientWorkerException as exc:
         log.error("cannot join consumer group %s of %s/%s: %s", settings.sls_cg,
                   settings.sls_project, settings.sls_logstore, exc)
@@ -2144,7 +2403,7 @@ def dry_run(settings):
     """--dry-run: print the next messages of every shard (from the group's checkpoints, or from
     SLS_CURSOR_START) up to the current end of each shard; join no group, save nothing."""
     client = sls_client(settings)
-    encoder = MessageEncoder(settings)
+    encoder, budget = MessageEncoder(settings), FetchBudget(settings)
     project, logstore = settings.sls_project, settings.sls_logstore
     try:
         checkpoints = {}
@@ -2163,7 +2422,8 @@ def dry_run(settings):
                                     settings.sls_cursor_end or "end").get_cursor()
             while cursor != end:
                 response = client.pull_logs(project, logstore, shard_id, cursor,
-                                            count=settings.sls_max_fetch_groups, end_cursor=end)
+                                            count=budget.groups(shard_id, 1), end_cursor=end)
+                budget.observe(shard_id, response.get_loggroup_count(), response.get_raw_size())
                 messages = encoder.encode(read_pull(response)).messages
                 for message in messages:
                     sys.stdout.buffer.write(message + b"\n")

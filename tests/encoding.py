@@ -1,5 +1,8 @@
-"""Encoding in tests: settings from a few variables, and the messages the forwarder's encoder makes."""
+"""Encoding in tests: settings from a few variables, pulls written by hand (so the reader is checked
+against another writer), and the messages the forwarder's encoder makes."""
 import re
+
+from hypothesis import strategies as st
 
 import sync_waf_to_syslog as fwd
 from tests.waf_logs import pull_body
@@ -27,3 +30,43 @@ def msg_of(message):
 def bodies(logs, **env):
     """The MSG of each log's message, as text."""
     return [msg_of(message) for message in encode(logs, **env).messages]
+
+
+def serialized(*fields):
+    """Protobuf wire bytes of (field number, value) pairs: int -> varint, bytes -> length-delimited,
+    ("fixed32", int) -> fixed32; written by hand, so the reader is checked against another writer."""
+    def varint(number):
+        out = bytearray()
+        while True:
+            out.append(number & 0x7F | (0x80 if number > 0x7F else 0))
+            number >>= 7
+            if not number:
+                return bytes(out)
+    out = b""
+    for number, value in fields:
+        if isinstance(value, int):
+            out += varint(number << 3) + varint(value)
+        elif isinstance(value, tuple):
+            out += varint(number << 3 | 5) + value[1].to_bytes(4, "little")
+        else:
+            out += varint(number << 3 | 2) + varint(len(value)) + value
+    return out
+
+
+def pull_of(logs, topic=b"t", tags=(), nanoseconds=0):
+    """A serialized LogGroupList of one LogGroup: logs are lists of raw (key, value) pairs."""
+    group = serialized(
+        *((1, serialized((1, 1_795_000_000 + i), *((2, serialized((1, k), (2, v))) for k, v in pairs),
+                         (4, ("fixed32", nanoseconds))))
+          for i, pairs in enumerate(logs)),
+        (3, topic), (4, b"src"), *((6, serialized((1, k), (2, v))) for k, v in tags))
+    return serialized((1, group))
+
+
+def text(raw):
+    return raw.decode("utf-8", "replace")
+
+
+RAW_TEXT = st.one_of(st.text(max_size=20).map(lambda t: t.encode("utf-8", "surrogatepass")),
+                     st.binary(max_size=20),  # valid UTF-8, or not
+                     st.sampled_from([b"\\", b"a|", b"x\x00y", b"\x00", b"%s", b"%", b"\xe4\xb8", b"\xe4\xb8,"]))

@@ -94,13 +94,13 @@ def test_an_edited_copy_changes_every_encoding_and_the_cut_messages(encoding, tm
 
 
 def test_the_fast_path_steps_aside_for_an_edited_customize_only(tmp_path):
-    assert fwd.customize_is_unchanged() and fwd.MessageEncoder(fwd.Settings.from_environment(BASE_ENV)).fast_kv
+    assert fwd.customize_is_unchanged() and fwd.MessageEncoder(fwd.Settings.from_environment(BASE_ENV)).fast
     _, static_only = edited_copy(tmp_path, STATIC_EDIT)
     settings = static_only.Settings.from_environment(BASE_ENV)
-    assert static_only.MessageEncoder(settings).fast_kv  # a static field costs nothing
+    assert static_only.MessageEncoder(settings).fast  # a static field costs nothing
     _, customized = edited_copy(tmp_path, STATIC_EDIT, CUSTOMIZE_EDIT)
     assert not customized.customize_is_unchanged()
-    assert not customized.MessageEncoder(customized.Settings.from_environment(BASE_ENV)).fast_kv
+    assert not customized.MessageEncoder(customized.Settings.from_environment(BASE_ENV)).fast
 
 
 def test_a_static_field_from_the_edit_section_is_first_on_the_fast_path(tmp_path):

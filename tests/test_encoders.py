@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 import sync_waf_to_syslog as fwd
-from tests.encoding import RFC5424, encode, make_settings
+from tests.encoding import RAW_TEXT, RFC5424, encode, make_settings, pull_of, serialized, text
 from tests.kv import parse_kv
 from tests.waf_logs import expected_fields, hostile_logs, log_group_list, pull_body, realistic_logs
 
@@ -153,46 +153,6 @@ def test_oversized_logs_are_cut_to_fit_and_still_parse(max_size):
 
 # --- reading pulls: the fast path -------------------------------------------------------------
 
-def serialized(*fields):
-    """Protobuf wire bytes of (field number, value) pairs: int -> varint, bytes -> length-delimited,
-    ("fixed32", int) -> fixed32; written by hand, so the reader is checked against another writer."""
-    def varint(number):
-        out = bytearray()
-        while True:
-            out.append(number & 0x7F | (0x80 if number > 0x7F else 0))
-            number >>= 7
-            if not number:
-                return bytes(out)
-    out = b""
-    for number, value in fields:
-        if isinstance(value, int):
-            out += varint(number << 3) + varint(value)
-        elif isinstance(value, tuple):
-            out += varint(number << 3 | 5) + value[1].to_bytes(4, "little")
-        else:
-            out += varint(number << 3 | 2) + varint(len(value)) + value
-    return out
-
-
-def pull_of(logs, topic=b"t", tags=(), nanoseconds=0):
-    """A serialized LogGroupList of one LogGroup: logs are lists of raw (key, value) pairs."""
-    group = serialized(
-        *((1, serialized((1, 1_795_000_000 + i), *((2, serialized((1, k), (2, v))) for k, v in pairs),
-                         (4, ("fixed32", nanoseconds))))
-          for i, pairs in enumerate(logs)),
-        (3, topic), (4, b"src"), *((6, serialized((1, k), (2, v))) for k, v in tags))
-    return serialized((1, group))
-
-
-def text(raw):
-    return raw.decode("utf-8", "replace")
-
-
-RAW_TEXT = st.one_of(st.text(max_size=20).map(lambda t: t.encode("utf-8", "surrogatepass")),
-                     st.binary(max_size=20),  # valid UTF-8, or not
-                     st.sampled_from([b"\\", b"a|", b"x\x00y", b"\x00", b"%s", b"%", b"\xe4\xb8", b"\xe4\xb8,"]))
-
-
 @hypothesis_settings(max_examples=400, deadline=None)
 @given(logs=st.lists(st.lists(st.tuples(RAW_TEXT, RAW_TEXT), max_size=6), min_size=1, max_size=3),
        tags=st.lists(st.tuples(RAW_TEXT, RAW_TEXT), max_size=2), topic=RAW_TEXT,
@@ -228,7 +188,7 @@ def test_fast_kv_path_equals_the_reference_with_selection_and_static_fields(logs
     selected fields, through encode_kv; and the same as the encoder's own reference path."""
     settings = make_settings(SYSLOG_SEP=separator, SYSLOG_STATIC_FIELDS=static, **selection)
     encoder = fwd.MessageEncoder(settings, procid=1)
-    assert encoder.fast_kv
+    assert encoder.fast
     groups = fwd.read_log_groups(pull_of(logs))
     messages = encoder.encode(groups).messages
     select = fwd.field_selector(settings.syslog_fields_include, settings.syslog_fields_exclude,
@@ -237,7 +197,7 @@ def test_fast_kv_path_equals_the_reference_with_selection_and_static_fields(logs
         fields = [("__topic__", "t"), ("__source__", "src")] + [(text(k), text(v)) for k, v in pairs]
         body = fwd.encode_kv(list(settings.syslog_static_fields) + fwd.select_fields(fields, select), separator)
         assert message == (encoder.header(1_795_000_000 + i, 0) + body).encode()
-    encoder.fast_kv = False
+    encoder.fast = False
     assert encoder.encode(groups).messages == messages
 
 

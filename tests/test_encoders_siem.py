@@ -20,7 +20,7 @@ from tests.kv import parse_kv
 from tests.leef import parse_leef
 from tests.rsyslog_peer import unique_tag
 from tests.checkpoints import assert_checkpoints_at_end
-from tests.encoding import RFC5424, bodies, make_settings
+from tests.encoding import RAW_TEXT, RFC5424, bodies, make_settings, pull_of
 from tests.waf_logs import expected_fields, hostile_logs, pull_body, realistic_logs, write_jsonl
 
 LOGS = realistic_logs(200, seed=11) + hostile_logs()
@@ -341,3 +341,44 @@ def test_rsyslog_receives_exactly_what_the_encoder_makes(variant, rsyslog, waf_d
     assert collections.Counter(record["msg"] for record in records) == expected
     assert sum(expected.values()) == len(waf_data[0])
     assert_checkpoints_at_end(emulator)
+
+
+# --- the fast path: per-key-set plans give what the reference encoders give ----------------------
+
+SIEM_KEYS = st.sampled_from([b"time", b"start_time", b"final_action", b"final_plugin", b"final_rule_id",
+                             b"final_rule_type", b"waf_test", b"waf_action", b"waf_rule_id", b"cc_test",
+                             b"cc_action", b"real_client_ip", b"request_uri", b"host", b"a%s", b"a=b",
+                             b"x y", b"\xff", b"__tag__:x"])
+SIEM_VALUES = st.one_of(RAW_TEXT, st.sampled_from([
+    b"", b"", b"true", b"block", b"captcha", b"2026-11-27T18:11:05+08:00", b"1795774266", b"not a time",
+    b"a=b|c\\d", b"\t^,|", b"%s", b"%", b"line\nbreak", b"\x01\x7f", b"\xe4\xb8"]))
+SIEM_SETTINGS = [{}, dict(SYSLOG_FIELDS_EXCLUDE="final_*"), dict(SYSLOG_FIELDS_RENAME="host:time,a%s:b"),
+                 dict(SYSLOG_STATIC_FIELDS="env=prod,%s=a|b=c"), dict(SYSLOG_STATIC_FIELDS="time=x,e="),
+                 dict(SYSLOG_FIELDS_INCLUDE="__*,time,waf_*")]
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(logs=st.lists(st.lists(st.tuples(SIEM_KEYS, SIEM_VALUES), max_size=8), min_size=1, max_size=3),
+       tags=st.lists(st.tuples(RAW_TEXT, SIEM_VALUES), max_size=2), topic=SIEM_VALUES,
+       encoding=st.sampled_from(["json", "cef", "leef"]), delimiter=st.sampled_from(["\t", "^", "%", ","]),
+       extra=st.sampled_from(SIEM_SETTINGS))
+def test_fast_siem_path_equals_the_reference(logs, tags, topic, encoding, delimiter, extra):
+    """json, cef and leef from per-key-set plans: byte for byte what the reference encoders give, for
+    any keys and values (empty, times and not, control characters, NUL, %, delimiters), field
+    selection and static fields."""
+    settings = make_settings(SYSLOG_ENCODING=encoding, SYSLOG_LEEF_DELIMITER=delimiter, **extra)
+    encoder = fwd.MessageEncoder(settings, procid=1)
+    groups = fwd.read_log_groups(pull_of(logs, topic, tags))
+    fast = encoder.encode(groups).messages
+    encoder.fast = False
+    assert fast == encoder.encode(groups).messages
+
+
+def test_the_fast_siem_path_is_taken_for_realistic_logs():
+    """Realistic WAF logs go through the plans, not the reference path."""
+    logs = realistic_logs(50, seed=3)
+    for encoding in ("json", "cef", "leef"):
+        encoder = fwd.MessageEncoder(make_settings(SYSLOG_ENCODING=encoding), procid=1)
+        group = fwd.read_log_groups(pull_body(logs))[0]
+        body = encoder.group_bodies(fwd.group_fields(group))
+        assert all(body(log) is not None for log in group.Logs), encoding
