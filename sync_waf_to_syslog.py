@@ -2232,8 +2232,9 @@ def sdk_internals():
          ShardConsumerWorker, "__init__", {"_preprocessor"}),
         ("PullLogResponse keeps the uncompressed body in _raw_uncompressed_body (read_pull)",
          PullLogResponse, "__init__", {"_raw_uncompressed_body"}),
-        ("ConsumerWorker.run calls clean_shard_consumer once per round and stops on shut_down_flag",
-         ConsumerWorker, "run", {"clean_shard_consumer", "shut_down_flag"}),
+        ("ConsumerWorker.run calls clean_shard_consumer once per round, stops on shut_down_flag and "
+         "waits option.data_fetch_interval between rounds, read every round",
+         ConsumerWorker, "run", {"clean_shard_consumer", "shut_down_flag", "option", "data_fetch_interval"}),
         ("ConsumerWorker keeps shard_consumers, heart_beat and consumer_client",
          ConsumerWorker, "__init__", {"shard_consumers", "heart_beat", "consumer_client"}),
         ("a new shard consumer takes the worker's consumer_client",
@@ -2251,8 +2252,6 @@ def sdk_internals():
          ConsumerProcessorBase, "initialize", {"shard_id"}),
         ("a shard consumer asks each pull for its max_fetch_log_group_size LogGroups (FetchBudget)",
          ShardConsumerWorker, "fetch_data", {"max_fetch_log_group_size"}),
-        ("ConsumerWorker.run waits option.data_fetch_interval between rounds, read every round",
-         ConsumerWorker, "run", {"option", "data_fetch_interval"}),
     ]
 
 

@@ -132,16 +132,15 @@ def canary_raw_body(emulator, response_class):
     return ok, f"_raw_uncompressed_body is {type(raw).__name__}"
 
 
-def canary_clean_shard_consumer(emulator, worker_class):
-    """ConsumerWorker.run calls clean_shard_consumer once in every round (the stuck-loop check)."""
-    counts = collections.Counter()
-
+def counting_rounds(worker_class, counts):
+    """worker_class, counting in `counts` its rounds ("rounds": the heartbeat is asked for the held
+    shards once at the start of every round) and its calls of clean_shard_consumer ("cleaned")."""
     class Counting(worker_class):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             held = self.heart_beat.get_held_shards
 
-            def counted():  # called once at the start of every round
+            def counted():
                 counts["rounds"] += 1
                 return held()
 
@@ -151,10 +150,51 @@ def canary_clean_shard_consumer(emulator, worker_class):
             counts["cleaned"] += 1
             super().clean_shard_consumer(owned_shards)
 
-    worker, _ = run_worker(emulator, Counting, until=lambda *_: counts["rounds"] >= 20)
+    return Counting
+
+
+def canary_clean_shard_consumer(emulator, worker_class):
+    """ConsumerWorker.run calls clean_shard_consumer once in every round (the stuck-loop check)."""
+    counts = collections.Counter()
+    worker, _ = run_worker(emulator, counting_rounds(worker_class, counts), until=lambda *_: counts["rounds"] >= 20)
     stop(worker)
     ok = counts["rounds"] >= 20 and abs(counts["rounds"] - counts["cleaned"]) <= 1
     return ok, f"{counts['rounds']} rounds, {counts['cleaned']} calls of clean_shard_consumer"
+
+
+def canary_fetch_interval(emulator, worker_class):
+    """ConsumerWorker.run reads option.data_fetch_interval in every round (FetchBudget slows the
+    rounds down without a backlog): a longer one set while it runs takes effect."""
+    counts = collections.Counter()
+    worker, _ = run_worker(emulator, counting_rounds(worker_class, counts))
+    try:
+        worker.option.data_fetch_interval = 0.5
+        time.sleep(0.6)
+        before = counts["rounds"]
+        time.sleep(2)
+        rounds = counts["rounds"] - before
+        return rounds <= 6, f"{rounds} rounds in 2 s with a 0.5 s interval set while it ran"
+    finally:
+        stop(worker)
+
+
+def canary_max_fetch_groups(emulator, shard_consumer_class):
+    """A shard consumer asks each pull for max_fetch_log_group_size LogGroups, read at the pull:
+    changed after it started (FetchBudget does so before every round), the next pulls follow."""
+    seen = collections.defaultdict(list)
+    with ThreadPoolExecutor(2) as executor:
+        consumer = shard_consumer_class(consumer_client(emulator), 0, "canary", Probe(seen),
+                                        CursorPosition.BEGIN_CURSOR, None, executor=executor,
+                                        max_fetch_log_group_size=3)
+        consumer.max_fetch_log_group_size = 1
+
+        def consume():
+            consumer.consume()
+            return seen["processed"]
+
+        poll(consume, lambda processed: len(processed) >= 3, timeout=15, interval=0.05)
+    sizes = [len(groups.LogGroups) for _, _, (_, groups) in seen["processed"]]
+    return bool(sizes) and set(sizes) == {1}, f"LogGroups per pull: {sizes}"
 
 
 def canary_worker_attributes(emulator, worker_class):
@@ -254,18 +294,38 @@ class ParsesAtOnce(PullLogResponse):
 
 
 class LoopWithoutCleanup(ConsumerWorker):
-    """The SDK's loop without clean_shard_consumer; it ends when running() says so."""
+    """The SDK's loop without clean_shard_consumer; it ends when running() says so and waits
+    pause() between rounds."""
 
     def running(self):
         return not self.shut_down_flag
+
+    def pause(self):
+        return self.option.data_fetch_interval
 
     def run(self):
         self.heart_beat.start()
         while self.running():
             for shard in self.heart_beat.get_held_shards():
                 self._get_shard_consumer(shard).consume()
-            time.sleep(self.option.data_fetch_interval)
+            time.sleep(self.pause())
         self.shutdown_and_wait()
+
+
+class KeepsItsFirstInterval(LoopWithoutCleanup):
+    def pause(self):
+        self.__dict__.setdefault("first_interval", self.option.data_fetch_interval)
+        return self.first_interval
+
+
+class KeepsItsFirstCount(ShardConsumerWorker):
+    @property
+    def max_fetch_log_group_size(self):
+        return self.__dict__["first_count"]
+
+    @max_fetch_log_group_size.setter
+    def max_fetch_log_group_size(self, count):
+        self.__dict__.setdefault("first_count", count)
 
 
 class FreshClientPerShard(ConsumerWorker):
@@ -319,6 +379,8 @@ CANARIES = {  # (canary, the real SDK class, its broken stand-in)
     "preprocessor": (canary_preprocessor, ShardConsumerWorker, IgnoresThePreprocessor),
     "raw body": (canary_raw_body, PullLogResponse, ParsesAtOnce),
     "clean_shard_consumer": (canary_clean_shard_consumer, ConsumerWorker, LoopWithoutCleanup),
+    "data_fetch_interval": (canary_fetch_interval, ConsumerWorker, KeepsItsFirstInterval),
+    "max_fetch_log_group_size": (canary_max_fetch_groups, ShardConsumerWorker, KeepsItsFirstCount),
     "worker attributes": (canary_worker_attributes, ConsumerWorker, FreshClientPerShard),
     "heartbeat lists": (canary_heartbeat_lists, ConsumerHeatBeat, LocksSomethingElse),
     "remove_heart_shard": (canary_remove_heart_shard, ConsumerHeatBeat, RenamedLists),
