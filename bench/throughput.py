@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Throughput, CPU, memory and latency of the forwarder against the SDK's own path (issue 5).
+"""Throughput, CPU, memory and latency of the forwarder against the SDK's own path.
 
     python bench/throughput.py                 the full run: a few minutes on 2 cores
+    python bench/throughput.py --group-sizes 1,10,200,1000 --logs 600000
+                                               the LogGroup-size sweep (about 20 minutes), then the
+                                               idle CPU and the latency
     python bench/throughput.py --quick --logs 2000 --shards 2      a smoke run (tests use it)
     python bench/throughput.py --latency       only the end-to-end latency measurement
-    python bench/throughput.py --sweep         also try several SDK settings (fetch interval,
-                                               log groups per fetch, worker pool size)
+    python bench/throughput.py --sweep         also try several SLS_FETCH_BYTES values
 
 What runs: the SLS emulator (tests/sls_emulator.py, its own process) preloaded with --logs
 realistic 55-field WAF logs (tests/waf_logs.py; the JSONL is written once and cached in
@@ -85,14 +87,12 @@ LOG_START_TIME = 1_767_225_600  # fixed, so the cached JSONL is the same file ev
 # the pull fails at once, the thread is free for the shard releases of a rebalance.
 PULL_GATE = dict(op="pull", action="error", status=400, errorCode="BenchmarkGateClosed",
                  errorMessage="benchmark: waiting for the consumer group to settle")
-# (fetch interval, max log groups per fetch, worker pool size) for --sweep. Each fetch round the
-# SDK hands every shard at most one batch, so logs/s <= shards x logs per batch / fetch interval;
-# memory grows with the batch. These realistic logs come 10 to a LogGroup, and the emulator answers
-# at most 10 MB per pull (683 groups), so 1000 groups means 6,830 logs (10 MB) per batch.
-SWEEP = (
-    (1.0, 1000, 2), (0.2, 1000, 2), (0.2, 1000, 1), (0.2, 1000, 4),
-    (0.2, 200, 2), (0.1, 200, 2), (0.1, 100, 2), (0.05, 100, 2), (0.05, 50, 2),
-)
+# SLS_FETCH_BYTES values --sweep tries on forwarder_1 (the default was chosen from such runs):
+# a bigger pull means fewer requests and rounds per log, and more memory.
+SWEEP = ("256K", "512K", "1M", "2M", "4M", "8M")
+# --group-sizes: logs a LogGroup holds in each shape of the backlog, and the encodings measured
+# end to end (on the shape given by --encodings-shape) besides kv.
+ENCODINGS = ("json", "cef", "leef")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -108,13 +108,21 @@ def log(message):
 # Test data
 # ================================================================================================
 
-def cached_logs_file(count, seed, cache_dir):
-    """JSONL of `count` realistic WAF logs; written once per (count, seed) and reused."""
-    path = Path(cache_dir) / f"waf-bench-{count}-seed{seed}.jsonl"
+def cached_logs_file(count, seed, cache_dir, group_size=None):
+    """JSONL of `count` realistic WAF logs; written once per (count, seed, group size) and reused.
+    With group_size, logs come as SLS stores them: each run of group_size logs shares its topic,
+    source and tags (a __receive_time__ of its own), so the emulator (--group-size) keeps it as one
+    LogGroup; without, ten logs a second share one receive time (tests/waf_logs.py)."""
+    shape = f"-groups{group_size}" if group_size else ""
+    path = Path(cache_dir) / f"waf-bench-{count}-seed{seed}{shape}.jsonl"
     if not path.exists():
         log(f"writing {count} realistic WAF logs to {path} (once; later runs reuse it)")
+        logs = realistic_logs(count, seed=seed, start_time=LOG_START_TIME)
+        if group_size:
+            for index, entry in enumerate(logs):
+                entry["__tag__:__receive_time__"] = str(LOG_START_TIME + index // group_size)
         temporary = path.with_suffix(f".tmp{os.getpid()}")
-        write_jsonl(temporary, realistic_logs(count, seed=seed, start_time=LOG_START_TIME))
+        write_jsonl(temporary, logs)
         os.replace(temporary, path)
     return path
 
@@ -203,12 +211,15 @@ class SdkSettings:
         return max(2, math.ceil(2 * self.fetch_interval))
 
     def __str__(self):
-        return (f"fetch interval {self.fetch_interval:g} s, {self.max_fetch_groups} groups per fetch, "
-                f"pool {self.pool_size}")
+        groups = self.max_fetch_groups or "default"
+        return f"fetch interval {self.fetch_interval:g} s, {groups} groups per fetch, pool {self.pool_size}"
 
     def environment(self):
-        return {"SLS_FETCH_INTERVAL": self.fetch_interval, "SLS_MAX_FETCH_GROUPS": self.max_fetch_groups,
-                "SLS_WORKER_POOL_SIZE": self.pool_size, "SLS_HEARTBEAT_INTERVAL": self.heartbeat_interval}
+        """The variables; without max_fetch_groups each program keeps its own (the forwarder fetches
+        by volume, up to 1000 LogGroups; the baseline asks for the SDK's 1000)."""
+        groups = {"SLS_MAX_FETCH_GROUPS": self.max_fetch_groups} if self.max_fetch_groups else {}
+        return {"SLS_FETCH_INTERVAL": self.fetch_interval, "SLS_WORKER_POOL_SIZE": self.pool_size,
+                "SLS_HEARTBEAT_INTERVAL": self.heartbeat_interval, **groups}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +229,7 @@ class Variant:
     script: Path
     processes: int = 1            # consumers in the group
     native_workers: bool = False  # the script runs them itself (--workers N)
+    env: tuple = ()               # (variable, value) pairs of its own, e.g. SYSLOG_ENCODING
 
 
 def forwarder_variants(key, name, script, workers):
@@ -290,7 +302,8 @@ def run_variant(variant, emulator, total, args, sdk, profiler=None):
         receiver = cleanup.enter_context(ReceiverProcess(args.protocol))
         env = forwarder_env(emulator, port=receiver.port, protocol=args.protocol, SLS_CG=group,
                             SLS_CONSUMER_NAME=f"{group}-0",
-                            SYSLOG_SEP=args.separator, SYNC_STATS_INTERVAL=0, **sdk.environment())
+                            SYSLOG_SEP=args.separator, SYNC_STATS_INTERVAL=0, **sdk.environment(),
+                            **dict(variant.env))
         emulator.inject(**PULL_GATE)
         cleanup.callback(emulator.clear_faults)
         processes = variant_processes(variant, env, workdir)
@@ -589,23 +602,32 @@ def machine():
             "platform": platform.platform(), "protobuf": api_implementation.Type()}
 
 
+def print_variants(variants, variant_ratios):
+    print(f"\n{'variant':44} {'procs':>5} {'logs/s':>8} {'CPU s/1k logs':>13} "
+          f"{'RSS MB max/sum':>15} {'received/sent':>15} {'machine busy':>12}")
+    for result in variants.values():
+        if "error" in result:
+            print(f"{result['label']:44} FAILED: {result['error'][:200]}")
+            continue
+        rss = f"{result['peak_rss_mb_max']:.0f}/{result['peak_rss_mb_sum']:.0f}"
+        busy = result["machine_busy_cpu_s"] / max(result["release_to_last_receipt_s"] or 0, 1e-3)
+        print(f"{result['label']:44} {result['processes']:>5} {result['logs_per_s'] or '-':>8} "
+              f"{result['cpu_s_per_1000_logs'] or '-':>13} {rss:>15} "
+              f"{result['received']:>7}/{result['sent']:<7} {busy:>6.2f} cores")
+    for key, ratio in variant_ratios.items():
+        print(f"{variants[key]['label']}: {ratio['throughput_x']}x the baseline's logs/s, "
+              f"{ratio['cpu_per_log_x_less']}x less CPU per log")
+
+
 def print_table(report):
-    variants = report.get("variants", {})
-    if variants:
-        print(f"\n{'variant':34} {'procs':>5} {'logs/s':>8} {'CPU s/1k logs':>13} "
-              f"{'RSS MB max/sum':>15} {'received/sent':>15} {'machine busy':>12}")
-        for result in variants.values():
-            if "error" in result:
-                print(f"{result['label']:34} FAILED: {result['error'][:200]}")
-                continue
-            rss = f"{result['peak_rss_mb_max']:.0f}/{result['peak_rss_mb_sum']:.0f}"
-            busy = result["machine_busy_cpu_s"] / max(result["release_to_last_receipt_s"] or 0, 1e-3)
-            print(f"{result['label']:34} {result['processes']:>5} {result['logs_per_s'] or '-':>8} "
-                  f"{result['cpu_s_per_1000_logs'] or '-':>13} {rss:>15} "
-                  f"{result['received']:>7}/{result['sent']:<7} {busy:>6.2f} cores")
-        for key, ratio in report.get("ratios", {}).items():
-            print(f"{variants[key]['label']}: {ratio['throughput_x']}x the baseline's logs/s, "
-                  f"{ratio['cpu_per_log_x_less']}x less CPU per log")
+    if report.get("variants"):
+        print_variants(report["variants"], report.get("ratios", {}))
+    for shape in report.get("group_sizes", {}).values():
+        print_variants(shape["variants"], shape["ratios"])
+    if "idle" in report:
+        idle = report["idle"]
+        print(f"\nidle: {idle['core_percent']}% of one core with {idle['shards']} idle shards "
+              f"({idle['cpu_s']} CPU s in {idle['seconds']} s)")
     if "encoder" in report:
         rates = ", ".join(f"{name} {value}" for name, value in report["encoder"]["logs_per_s"].items())
         print(f"\nin-process logs/s over {report['encoder']['logs']} logs: {rates}")
@@ -617,8 +639,7 @@ def print_table(report):
         print(f"{key} py-spy, self: " + ", ".join(
             f"{row['function']} {row['share']:.0%}" for row in profile["self"][:6]))
     for row in report.get("sweep", []):
-        print(f"sweep fetch_interval={row['fetch_interval']} max_fetch_groups={row['max_fetch_groups']} "
-              f"pool_size={row['pool_size']}: {row['logs_per_s']} logs/s, "
+        print(f"sweep SLS_FETCH_BYTES={row['fetch_bytes']}: {row['logs_per_s']} logs/s, "
               f"{row['cpu_s_per_1000_logs']} CPU s/1k logs, RSS {row['peak_rss_mb_max']} MB")
     if "latency" in report:
         latency = report["latency"]
@@ -640,7 +661,9 @@ def parse_arguments(argv):
     parser.add_argument("--protocol", choices=("tcp", "udp"), default="tcp")
     parser.add_argument("--separator", default=",", help="SYSLOG_SEP of every variant (default ,)")
     parser.add_argument("--fetch-interval", type=float, default=0.05, help="SLS_FETCH_INTERVAL (default 0.05)")
-    parser.add_argument("--max-fetch-groups", type=int, default=100, help="SLS_MAX_FETCH_GROUPS (default 100)")
+    parser.add_argument("--max-fetch-groups", type=int,
+                        help="SLS_MAX_FETCH_GROUPS of every variant (default: each its own: the forwarder "
+                             "fetches by volume up to 1000 LogGroups, the baseline asks for the SDK's 1000)")
     parser.add_argument("--pool-size", type=int, default=2, help="SLS_WORKER_POOL_SIZE (default 2)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="result file (default %(default)s)")
     parser.add_argument("--forwarder", default=str(SCRIPT),
@@ -657,6 +680,15 @@ def parse_arguments(argv):
     parser.add_argument("--latency-seconds", type=float, default=20, help="seconds written (default 20)")
     parser.add_argument("--sweep", action="store_true",
                         help="also measure forwarder_1 (candidate_1 if given) with several SDK settings")
+    parser.add_argument("--group-sizes", type=lambda text: [int(size) for size in text.split(",")],
+                        help="instead of the default run: the LogGroup-size sweep, e.g. 1,10,200,1000 "
+                             "(with --logs 600000: the backlog forwarder_1 drains)")
+    parser.add_argument("--rate-logs", type=int, default=150_000,
+                        help="--group-sizes: logs the baseline and the other variants are measured over "
+                             "(default 150000)")
+    parser.add_argument("--encodings-shape", type=int, default=10,
+                        help="--group-sizes: the LogGroup size json, cef and leef are measured on (default 10)")
+    parser.add_argument("--idle-seconds", type=float, default=30, help="seconds the idle CPU is measured (default 30)")
     parser.add_argument("--no-py-spy", action="store_true", help="do not profile the 1-process runs with py-spy")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: small encoder sample, 3 s of latency, no py-spy")
@@ -696,11 +728,57 @@ def run_throughput(args, sdk, report, workdir):
         if args.sweep:
             swept = variants[-2]  # the 1-process run of the candidate, else of the forwarder
             report["sweep"] = []
-            for fetch_interval, max_groups, pool_size in SWEEP:
-                setting = SdkSettings(fetch_interval, max_groups, pool_size)
-                variant = dataclasses.replace(swept, label=f"{swept.label}, {setting}")
-                result = measure_variant(variant, emulator, total, args, setting)
-                report["sweep"].append({**dataclasses.asdict(setting), **result})
+            for fetch_bytes in SWEEP:
+                variant = dataclasses.replace(swept, label=f"{swept.label}, SLS_FETCH_BYTES={fetch_bytes}",
+                                              env=(("SLS_FETCH_BYTES", fetch_bytes),))
+                report["sweep"].append({"fetch_bytes": fetch_bytes, **measure_variant(variant, emulator, total, args, sdk)})
+
+
+def run_group_size_sweep(args, sdk, report):
+    """--group-sizes: for each LogGroup size, a backlog of --logs logs of that shape on --shards
+    shards; the baseline and --workers N measured over the first --rate-logs logs, forwarder_1 over
+    the whole backlog (its peak RSS while it drains it); on the --encodings-shape backlog also json,
+    cef and leef end to end against the same baseline."""
+    script = Path(args.forwarder)
+    report["group_sizes"] = {}
+    for size in args.group_sizes:
+        data = cached_logs_file(args.logs, args.seed, args.cache_dir, group_size=size)
+        log(f"LogGroups of {size} logs: starting the emulator with {args.logs} logs on {args.shards} shards")
+        with PreloadedEmulator(shards=args.shards, load=[str(data)], extra_args=["--group-size", str(size)]) as emulator:
+            total = sum(shard["logs"] for shard in emulator.state()["logstores"][emulator.logstore]["shards"].values())
+            first = min(total, args.rate_logs)
+            runs = [(Variant("baseline", f"baseline, groups of {size}", BASELINE_SCRIPT), first),
+                    (Variant("forwarder_1", f"forwarder, 1 process, groups of {size}", script), total),
+                    (Variant("forwarder_n", f"forwarder, {args.workers} processes, groups of {size}", script,
+                             args.workers, native_workers=True), first)]
+            if size == args.encodings_shape:
+                runs += [(Variant(f"forwarder_1_{encoding}", f"forwarder, 1 process, {encoding}, groups of {size}",
+                                  script, env=(("SYSLOG_ENCODING", encoding),)), first) for encoding in ENCODINGS]
+            results = {variant.key: measure_variant(variant, emulator, count, args, sdk) for variant, count in runs}
+        report["group_sizes"][size] = {"logs": total, "variants": results, "ratios": ratios(results)}
+
+
+def measure_idle(args, sdk):
+    """CPU of one forwarder process holding --shards shards that receive no logs."""
+    with contextlib.ExitStack() as cleanup:
+        workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-idle-"))
+        emulator = cleanup.enter_context(EmulatorProcess(shards=args.shards))
+        receiver = cleanup.enter_context(SyslogReceiver(args.protocol))
+        env = forwarder_env(emulator, port=receiver.port, protocol=args.protocol, SLS_CG="bench-idle",
+                            SLS_CONSUMER_NAME="bench-idle-0", SYNC_STATS_INTERVAL=0, **sdk.environment())
+        forwarder = cleanup.enter_context(ForwarderProcess(env, workdir, python_args=[str(args.forwarder)]))
+        wait_until(lambda: group_settled(emulator, "bench-idle", 1), 60, "idle: consumer group", [forwarder])
+        time.sleep(5)  # past the shard consumers' start
+        pids = process_tree([forwarder.process.pid])
+        before, started = cpu_seconds(pids), time.monotonic()
+        time.sleep(args.idle_seconds)
+        cpu = sum(cpu_used(before, cpu_seconds(pids), pids))
+        seconds = time.monotonic() - started
+        forwarder.stop(timeout=60)
+    result = {"shards": args.shards, "seconds": round(seconds, 1), "cpu_s": round(cpu, 3),
+              "core_percent": round(100 * cpu / seconds, 2)}
+    log(f"idle: {result}")
+    return result
 
 
 def main(argv=None):
@@ -712,8 +790,12 @@ def main(argv=None):
                            "heartbeat_interval": sdk.heartbeat_interval, **dataclasses.asdict(sdk)}}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
-        if not args.latency:
+        if args.group_sizes:
+            run_group_size_sweep(args, sdk, report)
+            report["idle"] = measure_idle(args, sdk)
+        elif not args.latency:
             run_throughput(args, sdk, report, workdir)
+        if not args.latency:
             sample = min(args.logs, 2_000 if args.quick else 20_000)
             log(f"encoder alone and its profile over {sample} logs")
             forwarders = {name: load_forwarder(name, script) for name, script in forwarder_scripts(args).items()}
@@ -728,8 +810,9 @@ def main(argv=None):
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {args.json} ({report['seconds']} s)")
-    incomplete = [key for key, result in report.get("variants", {}).items() if not result["complete"]]
-    return 1 if incomplete else 0
+    results = [*report.get("variants", {}).values(),
+               *(result for shape in report.get("group_sizes", {}).values() for result in shape["variants"].values())]
+    return 0 if all(result["complete"] for result in results) else 1
 
 
 if __name__ == "__main__":

@@ -53,6 +53,20 @@ def test_quick_run_measures_every_variant_on_every_log(tmp_path):
     assert "forwarder, 2 processes" in table
 
 
+def test_group_size_sweep_measures_each_variant_and_the_idle_cpu(tmp_path):
+    report, table = run_bench(tmp_path, "--group-sizes", "200", "--logs", "1200", "--rate-logs", "600",
+                              "--encodings-shape", "200", "--idle-seconds", "2", "--no-latency")
+    print(table)
+    shape = report["group_sizes"]["200"]
+    variants = {"baseline", "forwarder_1", "forwarder_n", "forwarder_1_json", "forwarder_1_cef", "forwarder_1_leef"}
+    assert set(shape["variants"]) == variants and shape["logs"] == 1200
+    for key, result in shape["variants"].items():
+        # forwarder_1 drains the whole backlog, the others are measured over its first 600 logs
+        assert result["complete"] and result["sent"] == (1200 if key == "forwarder_1" else 600), key
+    assert set(shape["ratios"]) == variants - {"baseline"}
+    assert report["idle"]["cpu_s"] > 0 and report["idle"]["shards"] == 2
+
+
 def test_latency_run_receives_every_stamped_log(tmp_path):
     report, table = run_bench(tmp_path, "--latency", "--latency-rate", "500", "--latency-seconds", "2")
     print(table)
