@@ -63,6 +63,11 @@ SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
   SLS_WORKER_POOL_SIZE    SDK threads shared by fetching and processing                  default 2
   SLS_TOPICS              send only logs of these topics (comma list, e.g. waf_access_log); the
                           others are skipped, yet checkpointed as done                default all
+  SLS_QUERY               an SPL statement SLS applies to the logs before it hands them over
+                          (rule-based consumption), e.g. * | where final_action is not null; the
+                          logs it drops are counted and checkpointed as done (README.md, "Volume
+                          control")                                                  default none
+  SLS_CONSUME_PROCESSOR   the name of a consume processor defined in SLS, instead of SLS_QUERY
 
 SETTINGS: syslog
   SYSLOG_HOST             syslog server host name or IP                                   (required)
@@ -95,6 +100,9 @@ SETTINGS: syslog
                           handshake: at most 10)                                     default 120
   SYSLOG_RETRY_MAX_DELAY  longest pause between reconnect attempts, seconds           default 30
   SYSLOG_RELP_WINDOW      relp: most messages sent ahead of the server's acknowledgements  default 128
+  SYSLOG_MAX_EPS          most messages per second to the syslog server from this host, all
+                          --workers and other forwarders of this server together; never drops a
+                          log: SLS keeps what waits (the lag grows); 0 = no ceiling     default 0
   SYSLOG_CERT_PATH        CA bundle that signed the server's certificate (tls, relp+tls); system
                           CAs if unset
   SYSLOG_CLIENT_CERT      client certificate (PEM) for mutual TLS (rsyslog's imrelp with TLS
@@ -295,6 +303,8 @@ class Settings:
     sls_fetch_interval: float
     sls_worker_pool_size: int
     sls_topics: frozenset          # empty = every topic
+    sls_query: str                 # an SPL statement, or ""
+    sls_consume_processor: str     # a consume processor's name, or ""
     syslog_host: str
     syslog_port: int
     syslog_protocol: str
@@ -315,6 +325,7 @@ class Settings:
     syslog_timeout: float
     syslog_retry_max_delay: float
     syslog_relp_window: int
+    syslog_max_eps: int            # 0 = no ceiling
     syslog_cert_path: str          # CA bundle for the server certificate; "" = the system's
     syslog_client_cert: str
     syslog_client_key: str
@@ -464,6 +475,13 @@ class _SettingsReader:
                 fields.append((field_name.strip(), value.strip()))
         return tuple(fields)
 
+    def consume_processor(self):
+        """SLS_CONSUME_PROCESSOR; SLS takes either it or SLS_QUERY, not both."""
+        name = self.text("SLS_CONSUME_PROCESSOR")
+        if name and self.text("SLS_QUERY"):
+            self.problems.append("SLS_CONSUME_PROCESSOR: set it or SLS_QUERY, not both")
+        return name
+
     def field_selection(self):
         """(include, exclude, rename) from SYSLOG_FIELDS_*; contradictions are problems."""
         include = self.name_list("SYSLOG_FIELDS_INCLUDE")
@@ -532,6 +550,8 @@ class _SettingsReader:
             sls_fetch_interval=self.number("SLS_FETCH_INTERVAL", 0.05, 0.01, 3600, float),
             sls_worker_pool_size=self.number("SLS_WORKER_POOL_SIZE", 2, 1, 64),
             sls_topics=frozenset(self.name_list("SLS_TOPICS")),
+            sls_query=self.text("SLS_QUERY"),
+            sls_consume_processor=self.consume_processor(),
             syslog_host=self.required("SYSLOG_HOST"),
             syslog_port=self.number("SYSLOG_PORT", DEFAULT_PORTS[protocol], 1, 65535),
             syslog_protocol=protocol,
@@ -553,6 +573,7 @@ class _SettingsReader:
             syslog_timeout=self.number("SYSLOG_TIMEOUT", 120.0, 1, 86400, float),
             syslog_retry_max_delay=self.number("SYSLOG_RETRY_MAX_DELAY", 30.0, 0.1, 3600, float),
             syslog_relp_window=self.number("SYSLOG_RELP_WINDOW", 128, 1, 100000),
+            syslog_max_eps=self.number("SYSLOG_MAX_EPS", 0, 0, 10_000_000),
             syslog_cert_path=self.readable_file("SYSLOG_CERT_PATH"),
             syslog_client_cert=client_cert,
             syslog_client_key=client_key,
@@ -1844,6 +1865,72 @@ TRANSPORTS = {"udp": UdpTransport, "tcp": TcpTransport, "tls": TlsTransport,
               "relp": RelpTransport, "relp+tls": RelpTlsTransport}
 
 
+class EventsPerSecond:
+    """SYSLOG_MAX_EPS: a token bucket of at most BURST_SECONDS' worth of messages, refilled at the
+    ceiling, shared by every process of this host that sends to the same syslog server (--workers,
+    other forwarders): its state is a small file beside the lock file, read and written under an
+    exclusive lock. take(n) waits until n messages may go; nothing is ever dropped."""
+
+    BURST_SECONDS = 0.2
+    STATE = struct.Struct("dd")  # tokens, CLOCK_MONOTONIC (one clock for every process) of the last update
+    WARN_EVERY = 60
+
+    def __init__(self, settings):
+        self.rate = settings.syslog_max_eps
+        self.burst = max(1, int(self.rate * self.BURST_SECONDS))
+        name = f"sync_waf_to_syslog-{safe_file_name(settings.syslog_host)}-{settings.syslog_port}.eps"
+        self.path = os.path.join(os.path.dirname(os.path.abspath(settings.sync_lock_file)), name)
+        self.fd = None
+        self.lock = threading.Lock()  # flock() does not exclude this process's other threads
+        self.warned = RateLimiter(self.WARN_EVERY)
+
+    def take(self, count, stop):
+        """Wait until `count` (at most self.burst) messages may go; False if stopping meanwhile."""
+        waited = 0.0
+        while not stop.is_set():
+            wait = self.try_take(count)
+            if wait == 0:
+                if waited and self.warned.ready("ceiling"):
+                    log.warning("SYSLOG_MAX_EPS=%d holds the syslog rate back; SLS keeps the logs "
+                                "until they can go (the statistics line shows the lag)", self.rate)
+                return True
+            waited += wait
+            stop.wait(min(wait, 0.1))
+        return False
+
+    def try_take(self, count):
+        """0 after taking `count` tokens, else the seconds until there will be enough."""
+        with self.lock:
+            fd = self.state_file()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                return self.take_from_file(fd, count)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def take_from_file(self, fd, count):
+        """try_take() on the locked file: refill the bucket for the time since its last update."""
+        stored = os.pread(fd, self.STATE.size, 0)
+        now = time.monotonic()
+        tokens, updated = self.STATE.unpack(stored) if len(stored) == self.STATE.size else (self.burst, now)
+        tokens = min(self.burst, tokens + max(0.0, now - min(updated, now)) * self.rate)
+        wait = 0.0 if tokens >= count else (count - tokens) / self.rate
+        os.pwrite(fd, self.STATE.pack(tokens - count if not wait else tokens, now), 0)
+        return wait
+
+    def state_file(self):
+        """The shared file, opened once: created 0600, never through a symbolic link, and only
+        if it is ours (another user could otherwise slow this host's forwarders down)."""
+        if self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            info = os.fstat(fd)
+            if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+                os.close(fd)
+                raise PermissionError(f"{self.path} is not this user's own file; remove it")
+            self.fd = fd
+        return self.fd
+
+
 class Delivery:
     """Sends batches through one transport, shared by all shards of this process.
 
@@ -1917,7 +2004,7 @@ class Stats:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.totals = dict(logs=0, bytes=0, send_errors=0, resent=0, truncated=0, filtered=0)
+        self.totals = dict(logs=0, bytes=0, send_errors=0, resent=0, truncated=0, filtered=0, filtered_by_sls=0)
         self.newest = {}  # shard -> time of the newest log sent
         self.since = time.monotonic()
         self.reported = dict(self.totals)
@@ -1943,7 +2030,18 @@ class Stats:
             t = self.totals
             return (f"stats: {rate['logs']:.0f} logs/s, {rate['bytes']:.0f} bytes/s, total {t['logs']} logs, "
                     f"lag {lag or '-'}, send errors {t['send_errors']}, resent {t['resent']}, "
-                    f"truncated {t['truncated']}, filtered {t['filtered']}")
+                    f"truncated {t['truncated']}, filtered {t['filtered']}, filtered by SLS {t['filtered_by_sls']}")
+
+
+Pull = collections.namedtuple("Pull", "groups filtered_by_sls")
+
+
+def logs_filtered_by_sls(response):
+    """How many logs SLS read for a pull and then filtered out (SLS_QUERY / SLS_CONSUME_PROCESSOR),
+    from the headers it sends with such pulls; 0 without them."""
+    headers = {name.lower(): value for name, value in response.headers.items()}
+    read, returned = headers.get("x-log-rawdatalines", ""), headers.get("x-log-resultlines", "")
+    return max(0, int(read) - int(returned)) if read.isdigit() and returned.isdigit() else 0
 
 
 class FetchBudget:
@@ -1952,8 +2050,10 @@ class FetchBudget:
     controls: producers, quiet hours and Logtail's batching decide), and all held shards together
     keep at most SLS_BUFFER_BYTES: a shard holds up to PULLS_PER_SHARD pulls at once (the SDK
     prefetches one while another waits and a third is sent). A LogGroup's size is learnt from each
-    shard's pulls (x-log-bodyrawsize / x-log-count). Thread-safe: fetch tasks report, the worker
-    loop asks."""
+    shard's pulls (x-log-bodyrawsize / x-log-count). Under SYSLOG_MAX_EPS a pull carries at most one
+    second of the ceiling's logs: more could not go faster, and a stop repeats what a batch has
+    already sent (its checkpoint moves once it is all sent). Thread-safe: fetch tasks report, the
+    worker loop asks."""
 
     PULLS_PER_SHARD = 3
     FIRST_GROUP_BYTES = 1 << 20  # until a shard's pulls tell: assume big LogGroups, pull few
@@ -1963,8 +2063,10 @@ class FetchBudget:
         self.pull_bytes = settings.sls_fetch_bytes
         self.buffer_bytes = settings.sls_buffer_bytes
         self.most_groups = settings.sls_max_fetch_groups
+        self.most_logs = settings.syslog_max_eps  # 0: no ceiling
         self.lock = threading.Lock()
         self.group_bytes = {}  # shard -> raw bytes of one of its LogGroups, as learnt
+        self.group_logs = {}   # shard -> logs in one of its LogGroups, as learnt (under a ceiling)
         self.asked = {}        # shard -> LogGroups its last pull was given to ask for
         self.full = {}         # shard -> whether its last pull got all it asked for (a backlog)
 
@@ -1972,19 +2074,36 @@ class FetchBudget:
         """The LogGroups the shard's next pull asks for, when this process holds shards_held."""
         pull_bytes = min(self.pull_bytes, self.buffer_bytes // (self.PULLS_PER_SHARD * max(1, shards_held)))
         with self.lock:
-            group_bytes = self.group_bytes.get(shard, self.FIRST_GROUP_BYTES)
-            count = self.asked[shard] = max(1, min(self.most_groups, int(pull_bytes / group_bytes)))
+            count = min(self.most_groups, int(pull_bytes / self.group_bytes.get(shard, self.FIRST_GROUP_BYTES)))
+            if self.most_logs:
+                count = min(count, int(self.most_logs / self.group_logs.get(shard, self.most_logs)))
+            count = self.asked[shard] = max(1, count)
         return count
 
-    def observe(self, shard, groups, raw_bytes):
-        """A pull of the shard came back with `groups` LogGroups, `raw_bytes` uncompressed."""
+    def observe(self, shard, groups, raw_bytes, logs=None):
+        """A pull of the shard came back with `groups` LogGroups, `raw_bytes` uncompressed (holding
+        `logs` logs, when known)."""
         with self.lock:
             if groups > 0:
-                size = raw_bytes / groups
-                known = self.group_bytes.get(shard)
-                self.group_bytes[shard] = size if known is None else known + self.LEARNING * (size - known)
+                self.learn(self.group_bytes, shard, raw_bytes / groups)
+                if logs:
+                    self.learn(self.group_logs, shard, logs / groups)
             self.full[shard] = groups > 0 and (groups >= self.asked.get(shard, self.most_groups)
                                                or raw_bytes >= self.pull_bytes)
+
+    def learn(self, sizes, shard, size):
+        known = sizes.get(shard)
+        sizes[shard] = size if known is None else known + self.LEARNING * (size - known)
+
+    def observe_pull(self, shard, response, groups):
+        """observe() a PullLogResponse and its LogGroups (read_pull); with a statement (SLS_QUERY),
+        what SLS read before it filtered, which is what `count` bounds."""
+        logs = sum(len(group.Logs) for group in groups)
+        read_groups = response.get_raw_log_group_count_before_query()  # -1 without a statement
+        if read_groups >= 0:
+            self.observe(shard, read_groups, response.get_raw_size_before_query(), logs + logs_filtered_by_sls(response))
+        else:
+            self.observe(shard, response.get_loggroup_count(), response.get_raw_size(), logs)
 
     def backlog(self):
         """Whether some shard's last pull was full: logs are waiting."""
@@ -2002,11 +2121,19 @@ class Forwarder:
         self.budget = FetchBudget(settings)
         self.encoder = MessageEncoder(settings)
         self.delivery = Delivery(settings, TRANSPORTS[settings.syslog_protocol](settings), stop, self.stats)
+        self.ceiling = EventsPerSecond(settings) if settings.syslog_max_eps else None
         self.trackers = {}  # shard -> checkpoint tracker of its processor
 
     def send(self, messages):
-        # A batch whose logs were all filtered out needs no syslog server to be done.
-        return not messages or self.delivery.deliver(messages)
+        """Deliver a batch (under SYSLOG_MAX_EPS, in pieces as the ceiling lets them go); False if
+        stopping. A batch whose logs were all filtered out needs no syslog server to be done."""
+        if not self.ceiling:
+            return not messages or self.delivery.deliver(messages)
+        for start in range(0, len(messages), self.ceiling.burst):
+            piece = messages[start:start + self.ceiling.burst]
+            if not (self.ceiling.take(len(piece), self.stop) and self.delivery.deliver(piece)):
+                return False
+        return True
 
     def flush_checkpoints(self, interval=1.0):
         """Save every shard's delivered position in SLS about once a second (a thread of its own,
@@ -2030,6 +2157,22 @@ def save_delivered_checkpoint(tracker):
             tracker.set_persistent_check_point(cursor)
 
 
+class FilteredPull:
+    """A pull of which SLS_QUERY left nothing while its cursor moved on. The SDK hands process() only
+    pulls of more than 0 LogGroups, so the checkpoint would stay behind such stretches until the
+    next pull with logs (a restart reads them again); counted as one LogGroup, the empty batch goes
+    through process() in its turn and its checkpoint moves on like any delivered batch's."""
+
+    def __init__(self, response):
+        self.response = response
+
+    def get_loggroup_count(self):
+        return 1
+
+    def __getattr__(self, name):
+        return getattr(self.response, name)
+
+
 class WafLogProcessor(ConsumerProcessorBase):
     """One per shard: encode a batch, deliver it, and only then move the checkpoint."""
 
@@ -2042,26 +2185,28 @@ class WafLogProcessor(ConsumerProcessorBase):
         self.warned = RateLimiter(60)
 
     def read(self, response):
-        """The pull's LogGroups (read_pull), after noting its size for the fetch budget. It runs in
-        the SDK's fetch task, for every pull, empty ones too."""
-        self.forwarder.budget.observe(self.shard_id, response.get_loggroup_count(), response.get_raw_size())
-        return read_pull(response)
+        """The pull as process() takes it: its LogGroups (read_pull) and how many logs SLS filtered
+        out of it (SLS_QUERY), after noting its size for the fetch budget. It runs in the SDK's
+        fetch task, for every pull."""
+        groups = read_pull(response)
+        self.forwarder.budget.observe_pull(self.shard_id, response, groups)
+        return Pull(groups, logs_filtered_by_sls(response))
 
-    def process(self, log_groups, tracker):
+    def process(self, pull, tracker):
         try:
-            return self.forward(log_groups, tracker)
+            return self.forward(pull, tracker)
         except Exception:
             # The SDK drops a batch whose process() raises, and the next batch's checkpoint
             # then moves past it. Roll back instead: the batch is fetched and tried again.
             if self.warned.ready("error"):
                 log.exception("shard %d: unexpected error with a batch of %d log groups; it is "
-                              "fetched and tried again, nothing is skipped", self.shard_id, len(log_groups))
+                              "fetched and tried again, nothing is skipped", self.shard_id, len(pull.groups))
             self.forwarder.stop.wait(self.RETRY_DELAY)
             return tracker.get_check_point()
 
-    def forward(self, log_groups, tracker):
+    def forward(self, pull, tracker):
         forwarder = self.forwarder
-        batch = forwarder.encoder.encode(log_groups)
+        batch = forwarder.encoder.encode(pull.groups)
         log.info("Get data from shard %d, log count: %d", self.shard_id, len(batch.messages))
         if batch.truncated:
             forwarder.stats.add(truncated=batch.truncated)
@@ -2071,7 +2216,7 @@ class WafLogProcessor(ConsumerProcessorBase):
         if not forwarder.send(batch.messages):
             # Stopping: roll back to the start of this batch so nothing past it is saved.
             return tracker.get_check_point()
-        forwarder.stats.add(filtered=batch.filtered)
+        forwarder.stats.add(filtered=batch.filtered, filtered_by_sls=pull.filtered_by_sls)
         forwarder.stats.sent(self.shard_id, batch.messages, batch.newest)
         log.info("Complete send data to remote")
         tracker.save_check_point(False)  # in memory; Forwarder.flush_checkpoints saves it
@@ -2129,7 +2274,8 @@ class ResilientConsumerClient(ConsumerClient):
       and says loudly that the logs deleted by the logstore's retention are gone;
     * a failed checkpoint write raised from the SDK's idle flush kills its worker thread while the
       heartbeat keeps holding the shards; here the failure is logged, kept, and retried with the
-      next checkpoint write, so consumption goes on (at worst, a restart repeats some logs)."""
+      next checkpoint write, so consumption goes on (at worst, a restart repeats some logs);
+    * a pull that SLS_QUERY filtered to nothing is a FilteredPull, so its checkpoint moves on."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -2138,6 +2284,14 @@ class ResilientConsumerClient(ConsumerClient):
         self.warned = RateLimiter(60)
 
     def pull_logs(self, shard_id, cursor, **kwargs):
+        """super().pull_logs, with an expired cursor resumed from the oldest log, and a pull that
+        SLS_QUERY filtered to nothing as a FilteredPull."""
+        response = self.pull_with_retained_cursor(shard_id, cursor, **kwargs)
+        if response.get_loggroup_count() == 0 and response.get_next_cursor() not in ("", cursor):
+            return FilteredPull(response)
+        return response
+
+    def pull_with_retained_cursor(self, shard_id, cursor, **kwargs):
         try:
             return super().pull_logs(shard_id, cursor, **kwargs)
         except LogException as exc:
@@ -2210,7 +2364,8 @@ def consumer_config(settings):
         data_fetch_interval=settings.sls_fetch_interval,
         max_fetch_log_group_size=settings.sls_max_fetch_groups,
         worker_pool_size=settings.sls_worker_pool_size,
-        security_token=settings.sls_sts_token or None)
+        security_token=settings.sls_sts_token or None,
+        query=settings.sls_query or None, processor=settings.sls_consume_processor or None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2369,10 +2524,38 @@ def sls_client(settings):
                      settings.sls_sts_token or None)
 
 
+STATEMENT_REFUSED = {"ParameterInvalid", "InvalidParameter", "ConsumeProcessorNotExist"}
+
+
+def statement_problem(settings, client):
+    """The setting error when SLS refuses SLS_QUERY or SLS_CONSUME_PROCESSOR (one pull of one
+    LogGroup with it, at the start of the first shard; SLS checks a statement before it reads); None
+    if SLS takes it, if there is none, or if SLS cannot be asked now (the consumer reports that)."""
+    if not (settings.sls_query or settings.sls_consume_processor):
+        return None
+    name = "SLS_QUERY" if settings.sls_query else "SLS_CONSUME_PROCESSOR"
+    try:
+        shard = client.list_shards(settings.sls_project, settings.sls_logstore).get_shards_info()[0]["shardID"]
+        cursor = client.get_cursor(settings.sls_project, settings.sls_logstore, shard, "begin").get_cursor()
+        client.pull_logs(settings.sls_project, settings.sls_logstore, shard, cursor, count=1,
+                         query=settings.sls_query or None, processor=settings.sls_consume_processor or None)
+    except LogException as exc:
+        if exc.get_error_code() in STATEMENT_REFUSED:
+            return f"{name}: SLS refused it: {exc.get_error_code()}: {exc.get_error_message()}"
+    except (IndexError, KeyError):  # no shard to try it on
+        pass
+    return None
+
+
 def check(settings):
-    """--check: one verdict line per check; 0 when all pass, 1 otherwise."""
+    """--check: one verdict line per check; 0 when all pass, 1 otherwise (2 for a statement SLS
+    refuses: a setting error)."""
     results = []
     client = sls_client(settings)
+    refused = statement_problem(settings, client)
+    if refused:
+        print(f"setting error: {refused}", file=sys.stderr, flush=True)
+        return EXIT_BAD_SETTINGS
     try:
         shards = client.list_shards(settings.sls_project, settings.sls_logstore).get_shards_info()
         groups = client.list_consumer_group(settings.sls_project, settings.sls_logstore).get_consumer_groups()
@@ -2421,9 +2604,12 @@ def dry_run(settings):
                                     settings.sls_cursor_end or "end").get_cursor()
             while cursor != end:
                 response = client.pull_logs(project, logstore, shard_id, cursor,
-                                            count=budget.groups(shard_id, 1), end_cursor=end)
-                budget.observe(shard_id, response.get_loggroup_count(), response.get_raw_size())
-                messages = encoder.encode(read_pull(response)).messages
+                                            count=budget.groups(shard_id, 1), end_cursor=end,
+                                            query=settings.sls_query or None,
+                                            processor=settings.sls_consume_processor or None)
+                groups = read_pull(response)
+                budget.observe_pull(shard_id, response, groups)
+                messages = encoder.encode(groups).messages
                 for message in messages:
                     sys.stdout.buffer.write(message + b"\n")
                 if response.get_next_cursor() == cursor:
@@ -2585,6 +2771,10 @@ def main(argv=None):
         return check(settings)
     if args.dry_run:
         return dry_run(settings)
+    refused = statement_problem(settings, sls_client(settings))
+    if refused:
+        print(f"setting error: {refused}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
     lock, holder = acquire_lock(settings.sync_lock_file)
     if lock is None:
         print(f"another instance is running (pid {holder}) for consumer {settings.sls_consumer_name}; "

@@ -274,10 +274,12 @@ def test_the_processor_reads_the_pull_body_without_the_sdks_parse():
     raw = pull_body(realistic_logs(3))
     forwarder = fwd.Forwarder(make_settings(), stop=None)
     processor = fwd.WafLogProcessor(forwarder)
+    processor.shard_id = 0  # what the SDK's initialize() sets
     response = pull_response(raw)
-    groups = processor._preprocessor(response)
+    pull = processor._preprocessor(response)
     assert response._raw_uncompressed_body is raw  # the SDK did not parse it (it drops the body when it does)
-    expected = forwarder.encoder.encode(groups)[0]
+    assert pull.filtered_by_sls == 0
+    expected = forwarder.encoder.encode(pull.groups)[0]
     assert len(expected) == 3
     parsed_first = pull_response(raw)
     parsed_first.get_loggroup_list()  # e.g. another SDK version: the body is then re-serialized
