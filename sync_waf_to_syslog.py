@@ -202,7 +202,7 @@ try:
     SDK_IMPORT_ERROR = None
 except ImportError as _error:
     SDK_IMPORT_ERROR = _error
-    # so the classes below define
+    # so that the classes below can be defined
     ConsumerProcessorBase = ConsumerWorker = ConsumerClient = CredentialsProvider = object
 
 log = logging.getLogger("sync_waf_to_syslog")
@@ -1959,7 +1959,7 @@ class AccessKeyCredentials(SlsCredentials):
 
     def expiry(self):
         if not self.credentials.get_security_token():
-            return "a permanent AccessKey, it does not expire"
+            return "a permanent AccessKey: it does not expire"
         if "SLS_STS_TOKEN" in self.files:
             return "its STS token expires when SLS says so; SLS_STS_TOKEN_FILE is read again whenever it changes"
         return ("its STS token expires when SLS says so (SLS does not tell in advance), and nothing "

@@ -146,6 +146,33 @@ def test_no_role_credentials_is_one_line_naming_the_setting(mode, v1, problem):
     assert message.startswith("SLS_ECS_RAM_ROLE: ") and problem in message and "\n" not in message
 
 
+def test_a_metadata_service_too_slow_to_answer_is_a_failing_one(monkeypatch):
+    monkeypatch.setattr(fwd.EcsMetadataService, "TIMEOUT", 0.3)
+    with EcsMetadataServer(role_name=ROLE) as metadata:
+        metadata.set_mode("slow", delay=0.1)
+        open_and_close(role_settings(metadata))
+        metadata.set_mode("slow", delay=1)
+        with pytest.raises(fwd.CredentialsError) as raised:
+            fwd.open_credentials(role_settings(metadata, SLS_ECS_METADATA_V1="off"))
+    assert re.search(r"no session token \(PUT /latest/api/token: .*timed out\), and SLS_ECS_METADATA_V1=off "
+                     "forbids reading without one$", str(raised.value))
+
+
+def test_a_refusal_by_sls_fetches_role_credentials_again_at_once():
+    with EcsMetadataServer(role_name=ROLE, lifetime=600, period=300) as metadata:
+        credentials = fwd.open_credentials(role_settings(metadata))
+        try:
+            credentials.refused(expired_token_refusal())  # too soon after the first fetch: not again
+            assert not credentials.wake.is_set()
+            credentials.last_fetch -= credentials.REFETCH_ON_REFUSAL
+            new = metadata.rotate()
+            credentials.refused(expired_token_refusal())
+            wait_until(lambda: credentials.get_credentials().get_access_key_id() == new["AccessKeyId"],
+                       "the credentials to be fetched again", 10)
+        finally:
+            credentials.close()
+
+
 def write_atomically(path, text):
     """What a secret store does: write a new file and rename it over the old one."""
     new = path.with_suffix(".new")
@@ -162,6 +189,7 @@ def test_key_files_are_read_again_when_they_change(tmp_path, caplog):
         "SYSLOG_HOST": "127.0.0.1", "SLS_AK_ID": "STS.first", "SLS_AK_KEY_FILE": str(key_file),
         "SLS_STS_TOKEN_FILE": str(token_file)})
     credentials = fwd.open_credentials(settings)
+    credentials.RECHECK_INTERVAL = 0.05  # not to wait a second for each change
     held = credentials.get_credentials
     assert (held().get_access_key_secret(), held().get_security_token()) == ("secret-1", "token-1")
     assert credentials.describe() == "AccessKey STS.first from SLS_AK_ID / SLS_AK_KEY_FILE / SLS_STS_TOKEN_FILE"
@@ -336,6 +364,7 @@ def test_key_files_are_followed_and_guarded(make_emulator, tmp_path):
             assert forwarder.stop() == 0
     assert report["lost"] == 0 and report["duplicates"] == 0, report
     assert emulator.state()["refusals_by_access_key"] == {}
-    warnings = [line for line in forwarder.stderr().splitlines() if "readable by group or others" in line]
-    assert len(warnings) == 1 and str(files["key"]) in warnings[0] and "mode 0640" in warnings[0]
+    warned = [line for line in forwarder.stderr().splitlines()
+              if "readable by group or others" in line and str(tmp_path) in line]
+    assert len(warned) == 1 and f"{files['key']} can hold a secret" in warned[0] and "mode 0640" in warned[0]
     assert_no_secret(output_of(forwarder), [*first[1:], *second[1:]])
