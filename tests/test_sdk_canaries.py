@@ -434,8 +434,7 @@ def test_removing_any_internal_fails_the_start_up_check(index, monkeypatch):
 def forwarder_without_sls(python_args, cwd):
     """(exit status, stderr) of the forwarder run with python_args and settings that name no real SLS."""
     env = {"SLS_ENDPOINT": "http://sls.invalid", "SLS_REGION": "cn-hangzhou", "SLS_AK_ID": "id", "SLS_AK_KEY": "s",
-           "SLS_PROJECT": "p",
-           "SLS_LOGSTORE": "l", "SYSLOG_HOST": "127.0.0.1", "PATH": "/usr/bin:/bin"}
+           "SLS_PROJECT": "p", "SLS_LOGSTORE": "l", "SYSLOG_HOST": "127.0.0.1", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, *python_args], env=env, capture_output=True, text=True,
                             timeout=60, cwd=cwd)
     return result.returncode, result.stderr
