@@ -20,8 +20,9 @@ RUN
 
 EXIT STATUS
   0  stopped on request, finished a replay (SLS_CURSOR_END), or another instance already runs
-  1  runtime failure (e.g. SLS refused the AccessKey, the consumer thread died or got stuck, or the
-     SDK is missing or lacks an internal this file relies on: see SDK_TESTED_VERSION)
+  1  runtime failure (e.g. SLS refused the AccessKey, SLS_STS_TOKEN expired, the RAM role's
+     credentials could not be had at start, the consumer thread died or got stuck, or the SDK is
+     missing or lacks an internal this file relies on: see SDK_TESTED_VERSION)
   2  bad settings: one line per problem, naming the variable
 
 CHANGING WHAT IS SENT
@@ -37,9 +38,6 @@ SETTINGS
 
 SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
   SLS_ENDPOINT            SLS endpoint, e.g. cn-hangzhou-intranet.log.aliyuncs.com        (required)
-  SLS_AK_ID               AccessKey ID                                                    (required)
-  SLS_AK_KEY              AccessKey secret (never printed or logged)                      (required)
-  SLS_STS_TOKEN           STS security token, when the AccessKey is temporary
   SLS_PROJECT             project, e.g. wafng-project-<uid>-cn-hangzhou                   (required)
   SLS_LOGSTORE            logstore, e.g. wafng-logstore                                   (required)
   SLS_CG                  consumer group name                                     default WAF-SLS
@@ -68,6 +66,27 @@ SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
                           logs it drops are counted and checkpointed as done (README.md, "Volume
                           control")                                                  default none
   SLS_CONSUME_PROCESSOR   the name of a consume processor defined in SLS, instead of SLS_QUERY
+
+SETTINGS: SLS credentials (one source: an AccessKey, or the ECS instance's RAM role; never printed)
+  SLS_AK_ID               AccessKey ID                            (required without SLS_ECS_RAM_ROLE)
+  SLS_AK_KEY              AccessKey secret                        (required without SLS_ECS_RAM_ROLE)
+  SLS_STS_TOKEN           STS security token, when the AccessKey is temporary. Nothing renews it:
+                          once SLS says it expired, the forwarder exits 1 naming it
+  SLS_AK_ID_FILE, SLS_AK_KEY_FILE, SLS_STS_TOKEN_FILE
+                          read that value from this file instead (systemd credentials, Docker or
+                          Kubernetes secrets), and again whenever the file changes
+  SLS_ECS_RAM_ROLE        use the temporary credentials of this ECS instance RAM role, or auto
+                          (the role attached to the instance), from the ECS metadata service:
+                          fetched again when half their lifetime has passed, retried every few
+                          seconds while the service fails; no AccessKey on the host
+  SLS_ECS_METADATA_ENDPOINT  the metadata service, reached without any proxy
+                                                                   default http://100.100.100.200
+  SLS_ECS_METADATA_V1     on | off: read the metadata service without a session token (normal
+                          mode, IMDSv1) when it gives none (security hardening mode, IMDSv2, is
+                          always tried first)                                          default on
+  SLS_AUTH_VERSION        request signature: v4 (HMAC-SHA256, region-scoped) or v1     default v4
+  SLS_REGION              region of the project for v4, e.g. cn-hangzhou
+                                                          default derived from SLS_ENDPOINT
 
 SETTINGS: syslog
   SYSLOG_HOST             syslog server host name or IP                                   (required)
@@ -146,6 +165,7 @@ MESSAGE
 """
 import argparse
 import base64
+import calendar
 import collections
 import ctypes
 import dataclasses
@@ -154,6 +174,7 @@ import errno
 import fcntl
 import fnmatch
 import functools
+import http.client
 import itertools
 import json
 import logging
@@ -171,6 +192,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 # The one place the SDK (and protobuf, which comes with it) is imported. Without it the encoders
 # still work (and the quick tests run); main() says in one line that it is missing. The SDK is
@@ -183,13 +208,16 @@ try:
     from aliyun.log.consumer.exceptions import ClientWorkerException
     from aliyun.log.consumer.heart_beat import ConsumerHeatBeat
     from aliyun.log.consumer.shard_worker import ShardConsumerWorker
+    from aliyun.log.consumer.worker import ConsumerWorkerLoggerAdapter
+    from aliyun.log.credentials import Credentials, CredentialsProvider
     from aliyun.log.pulllog_response import PullLogResponse
-    from aliyun.log.version import __version__ as SDK_VERSION
+    from aliyun.log.version import USER_AGENT, __version__ as SDK_VERSION
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
     SDK_IMPORT_ERROR = None
 except ImportError as _error:
     SDK_IMPORT_ERROR = _error
-    ConsumerProcessorBase = ConsumerWorker = ConsumerClient = object  # so the classes below define
+    # so that the classes below can be defined
+    ConsumerProcessorBase = ConsumerWorker = ConsumerClient = CredentialsProvider = object
 
 log = logging.getLogger("sync_waf_to_syslog")
 
@@ -287,9 +315,17 @@ class SettingsError(Exception):
 class Settings:
     """Every setting, named as its variable in lower case (SYSLOG_SEP -> syslog_sep)."""
     sls_endpoint: str
-    sls_ak_id: str
+    sls_ak_id: str                 # the credential settings: "" when not set (see sls_credentials)
     sls_ak_key: str = dataclasses.field(repr=False)
     sls_sts_token: str = dataclasses.field(repr=False)
+    sls_ak_id_file: str
+    sls_ak_key_file: str
+    sls_sts_token_file: str
+    sls_ecs_ram_role: str          # a role name, "auto" or ""
+    sls_ecs_metadata_endpoint: str
+    sls_ecs_metadata_v1: bool
+    sls_auth_version: str          # v1 | v4
+    sls_region: str                # as set, or derived from sls_endpoint
     sls_project: str
     sls_logstore: str
     sls_cg: str
@@ -361,6 +397,38 @@ def default_hostname():
     """This host's name, reduced to what an RFC 5424 HOSTNAME may contain."""
     name = "".join(c if c in PRINTABLE_ASCII else "-" for c in socket.gethostname())[:255]
     return name or "-"
+
+
+# An SLS endpoint names its region (cn-hangzhou.log.aliyuncs.com, and in a VPC
+# cn-hangzhou-intranet.log.aliyuncs.com): the rule of the Go SDK's util.ParseRegion.
+SLS_ENDPOINT_PATTERN = re.compile(r"(?:https?://)?([a-z0-9-]+?)(?:-intranet|-share|-vpc)?"
+                                  r"\.(?:log|sls)\.aliyuncs\.com(?::\d+)?/?", re.IGNORECASE)
+DEFAULT_ECS_METADATA_ENDPOINT = "http://100.100.100.200"
+# Each part of an AccessKey is set by its variable or read from the file its _FILE names.
+ACCESS_KEY_FILES = {"SLS_AK_ID": "SLS_AK_ID_FILE", "SLS_AK_KEY": "SLS_AK_KEY_FILE",
+                    "SLS_STS_TOKEN": "SLS_STS_TOKEN_FILE"}
+
+
+def endpoint_region(endpoint):
+    """The region an SLS endpoint names (cn-hangzhou for cn-hangzhou-intranet.log.aliyuncs.com);
+    "" when it names none (an IP address, a private DNS name)."""
+    match = SLS_ENDPOINT_PATTERN.fullmatch(endpoint)
+    return match.group(1).lower() if match else ""
+
+
+def read_secret_file(variable, path):
+    """The text of the file a _FILE variable names, stripped (such files often end in a newline);
+    ValueError says what is wrong with it, naming the variable, never quoting the file."""
+    try:
+        with open(path, "rb") as file:
+            text = file.read().decode("utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{variable}: cannot read file {path!r} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{variable}: file {path!r} is not UTF-8 text") from None
+    if not text:
+        raise ValueError(f"{variable}: file {path!r} is empty")
+    return text
 
 
 class _SettingsReader:
@@ -441,6 +509,49 @@ class _SettingsReader:
         if path and not os.access(path, os.R_OK):
             self.problems.append(f"{name}: cannot read file {path!r}")
         return path
+
+    def sls_credentials(self, endpoint):
+        """The credential settings, as Settings fields: one source, an AccessKey (each part from its
+        variable or its _FILE) or SLS_ECS_RAM_ROLE; then the signature version and region."""
+        fields = {}
+        given = []  # the AccessKey variables set
+        for name, file_name in ACCESS_KEY_FILES.items():
+            value, path = self.text(name), self.text(file_name)
+            if value and path:
+                self.problems.append(f"{file_name}: set {name} or {file_name}, not both")
+            elif path:
+                try:
+                    read_secret_file(file_name, path)
+                except ValueError as exc:
+                    self.problems.append(str(exc))
+            given += [variable for variable, setting in ((name, value), (file_name, path)) if setting]
+            fields[name.lower()], fields[file_name.lower()] = value, path
+        role = self.text("SLS_ECS_RAM_ROLE")
+        if role.lower() == "auto":
+            role = "auto"
+        elif role and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", role):
+            self.problems.append(f"SLS_ECS_RAM_ROLE: {role!r} is not a RAM role name or auto")
+        if role and given:
+            self.problems.append(f"SLS_ECS_RAM_ROLE: set it or an AccessKey ({', '.join(given)}), not both")
+        if not role:
+            for name in ("SLS_AK_ID", "SLS_AK_KEY"):
+                if not (fields[name.lower()] or fields[ACCESS_KEY_FILES[name].lower()]):
+                    self.problems.append(f"{name}: required (or {ACCESS_KEY_FILES[name]}), unless "
+                                         "SLS_ECS_RAM_ROLE names the ECS instance's RAM role")
+        metadata = self.text("SLS_ECS_METADATA_ENDPOINT", DEFAULT_ECS_METADATA_ENDPOINT).rstrip("/")
+        if not re.fullmatch(r"https?://[^/\s]+", metadata):
+            self.problems.append(f"SLS_ECS_METADATA_ENDPOINT: {metadata!r} is not http://HOST[:PORT]")
+        auth_version = self.choice("SLS_AUTH_VERSION", "v4", {"v1", "v4"})
+        region = self.text("SLS_REGION").lower() or endpoint_region(endpoint)
+        if region and not re.fullmatch(r"[a-z0-9-]+", region):
+            self.problems.append(f"SLS_REGION: {region!r} is not a region ID such as cn-hangzhou")
+        if auth_version == "v4" and endpoint and not region:
+            self.problems.append(f"SLS_REGION: required for signature v4 (SLS_AUTH_VERSION, default v4), "
+                                 f"as SLS_ENDPOINT {endpoint!r} names no region: set it (e.g. "
+                                 "cn-hangzhou) or SLS_AUTH_VERSION=v1")
+        return dict(fields, sls_ecs_ram_role=role, sls_ecs_metadata_endpoint=metadata,
+                    sls_ecs_metadata_v1=self.choice("SLS_ECS_METADATA_V1", "on", {"on", "off"}) == "on",
+                    sls_auth_version=auth_version, sls_region=region)
 
     def header_field(self, name, default, max_length):
         value = self.text(name, default)
@@ -532,11 +643,10 @@ class _SettingsReader:
         if workers != "auto":
             workers = self.number("SYNC_WORKERS", 1, 1, 256)
         include, exclude, rename = self.field_selection()
+        endpoint = self.required("SLS_ENDPOINT")
         settings = Settings(
-            sls_endpoint=self.required("SLS_ENDPOINT"),
-            sls_ak_id=self.required("SLS_AK_ID"),
-            sls_ak_key=self.required("SLS_AK_KEY"),
-            sls_sts_token=self.text("SLS_STS_TOKEN"),
+            sls_endpoint=endpoint,
+            **self.sls_credentials(endpoint),
             sls_project=self.required("SLS_PROJECT"),
             sls_logstore=self.required("SLS_LOGSTORE"),
             sls_cg=sls_cg,
@@ -1996,6 +2106,363 @@ class Delivery:
 
 
 # ================================================================================================
+# SLS credentials: an AccessKey (variables or files) or the ECS instance's RAM role, kept current
+# ================================================================================================
+# The SDK signs each request it sends (each retry too) with what its credentials provider's
+# get_credentials() returns at that moment (LogClient(credentials_provider=...)), in whatever thread
+# sends it. So get_credentials() only hands out what is held, and keeping that current happens
+# beside it: key files are looked at again at most once a second, by one thread while the others
+# go on; the RAM role's credentials are fetched again by a thread of their own, long before they
+# expire.
+
+class CredentialsError(Exception):
+    """No credentials to start with: one line saying why, naming the variable."""
+
+
+def refuses_credentials(exc):
+    """Did SLS refuse the credentials themselves (401: an unknown or disabled AccessKey, an invalid
+    or expired STS token)?"""
+    return exc.get_resp_status() == 401 or \
+        exc.get_error_code().startswith(("Unauthorized", "InvalidAccessKeyId", "SecurityToken"))
+
+
+def utc_time(seconds):
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def duration(seconds):
+    """'5 h 59 min', '3 min 20 s' or '20 s'."""
+    seconds = max(0, int(seconds))
+    hours, minutes = seconds // 3600, seconds // 60 % 60
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {seconds % 60} s" if minutes else f"{seconds} s"
+
+
+class SlsCredentials(CredentialsProvider):
+    """What each source of credentials offers besides the SDK's get_credentials()."""
+
+    failure = None  # one line, once SLS refused credentials that nothing renews: supervise() exits 1
+
+    def describe(self):
+        """Where the credentials come from, for the log and --check (an AccessKey ID, never a secret)."""
+        raise NotImplementedError
+
+    def expiry(self):
+        """What --check says about when the current credentials expire."""
+        raise NotImplementedError
+
+    def refused(self, exc):
+        """SLS refused a request signed with these credentials (refuses_credentials(exc) holds)."""
+
+    def close(self):
+        """Stop keeping them current: this process needs them no more."""
+
+
+class AccessKeyCredentials(SlsCredentials):
+    """An AccessKey: SLS_AK_ID, SLS_AK_KEY and, for a temporary one, SLS_STS_TOKEN, each from its
+    variable or from the file its _FILE names. A file is read again when it changes (its inode, size
+    or modification time: replaced by a rename, as Kubernetes does, or rewritten in place); one
+    that cannot be read then leaves the credentials read before in use until it can. Variables
+    never change, so SLS refusing an AccessKey that comes from them all is final (exit 1)."""
+
+    RECHECK_INTERVAL = 1.0  # seconds between looks at the files
+
+    def __init__(self, settings):
+        self.values = {name: getattr(settings, name.lower()) for name in ACCESS_KEY_FILES}
+        self.files = {name: getattr(settings, file_name.lower())
+                      for name, file_name in ACCESS_KEY_FILES.items() if getattr(settings, file_name.lower())}
+        self.lock = threading.Lock()
+        self.warned = RateLimiter(60)
+        self.checked = time.monotonic()
+        self.stamps = self.file_stamps()
+        try:
+            self.credentials = self.read()
+        except ValueError as exc:
+            raise CredentialsError(str(exc)) from None
+
+    def file_stamps(self):
+        stamps = {}
+        for name, path in self.files.items():
+            try:
+                info = os.stat(path)
+                stamps[name] = (info.st_ino, info.st_size, info.st_mtime_ns)
+            except OSError:
+                stamps[name] = None
+        return stamps
+
+    def read(self):
+        values = dict(self.values)
+        for name, path in self.files.items():
+            values[name] = read_secret_file(ACCESS_KEY_FILES[name], path)
+        return Credentials(values["SLS_AK_ID"], values["SLS_AK_KEY"], values["SLS_STS_TOKEN"] or None)
+
+    def get_credentials(self):
+        if self.files and time.monotonic() - self.checked >= self.RECHECK_INTERVAL:
+            self.read_changed_files()
+        return self.credentials
+
+    def read_changed_files(self):
+        """Read the files again if one changed; True if that gave new credentials. One thread
+        looks while the others go on with the current credentials."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            self.checked = time.monotonic()
+            stamps = self.file_stamps()
+            if stamps == self.stamps:
+                return False
+            try:
+                credentials = self.read()
+            except ValueError as exc:  # e.g. caught half-written: looked at again in a second
+                if self.warned.ready("read"):
+                    log.warning("%s; going on with the credentials read before", exc)
+                return False
+            self.stamps, self.credentials = stamps, credentials
+            log.info("SLS credentials read again from %s: AccessKey %s", self.sources(),
+                     credentials.get_access_key_id())
+            return True
+        finally:
+            self.lock.release()
+
+    def sources(self):
+        return " / ".join(ACCESS_KEY_FILES[name] if name in self.files else name
+                          for name in ACCESS_KEY_FILES if self.values[name] or name in self.files)
+
+    def describe(self):
+        return f"AccessKey {self.credentials.get_access_key_id()} from {self.sources()}"
+
+    def expiry(self):
+        if not self.credentials.get_security_token():
+            return "a permanent AccessKey: it does not expire"
+        if "SLS_STS_TOKEN" in self.files:
+            return "its STS token expires when SLS says so; SLS_STS_TOKEN_FILE is read again whenever it changes"
+        return ("its STS token expires when SLS says so (SLS does not tell in advance), and nothing "
+                "renews SLS_STS_TOKEN: the forwarder then exits 1")
+
+    def refused(self, exc):
+        if self.failure or (self.files and self.read_changed_files()):
+            return
+        reason = f"{exc.get_error_code()}: {exc.get_error_message()}"
+        if self.files:
+            if self.warned.ready("refused"):
+                log.warning("SLS refuses the credentials from %s (%s); waiting for the files to change",
+                            self.sources(), reason)
+        elif self.credentials.get_security_token() and "expired" in reason.lower():
+            self.failure = (f"SLS_STS_TOKEN has expired ({reason}), and nothing renews it: set a new "
+                            "one, or let the forwarder keep its credentials current (SLS_ECS_RAM_ROLE, "
+                            "or SLS_STS_TOKEN_FILE kept up to date)")
+        else:
+            self.failure = f"SLS refuses the {self.describe()} ({reason})"
+
+
+class EcsMetadataError(Exception):
+    """The ECS metadata service did not give what was asked: one line, never its answer's body."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+class EcsMetadataService:
+    """The ECS instance metadata service (SLS_ECS_METADATA_ENDPOINT) in security hardening mode
+    (IMDSv2: a session token from PUT /latest/api/token goes with every read) or, when it gives no
+    token and SLS_ECS_METADATA_V1 allows it, in normal mode (IMDSv1: reads without a token). It is
+    reached directly, never through an HTTP proxy set for SLS traffic, and it is on the instance
+    itself: it answers at once or not at all, hence the short timeout."""
+
+    TIMEOUT = 2  # seconds
+    TOKEN_TTL = 300  # seconds a session token is asked for: each fetch of credentials takes a new one
+    TOKEN_PATH = "/latest/api/token"
+    ROLES_PATH = "/latest/meta-data/ram/security-credentials/"
+
+    def __init__(self, endpoint, allow_v1):
+        self.endpoint, self.allow_v1 = endpoint, allow_v1
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.without_token = None  # why the last fetch read without a session token
+
+    def call(self, path, method="GET", headers=None):
+        request = urllib.request.Request(self.endpoint + path, method=method, headers=headers or {})
+        try:
+            with self.opener.open(request, timeout=self.TIMEOUT) as response:
+                return response.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            raise EcsMetadataError(f"{method} {path}: HTTP {exc.code}", exc.code) from None
+        except (OSError, http.client.HTTPException) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            raise EcsMetadataError(f"{method} {path}: "
+                                   f"{describe_error(reason) if isinstance(reason, Exception) else reason}") from None
+
+    def session_token(self):
+        """A session token, or None to read without one when that is allowed."""
+        try:
+            return self.call(self.TOKEN_PATH, "PUT", {"X-aliyun-ecs-metadata-token-ttl-seconds": str(self.TOKEN_TTL)})
+        except EcsMetadataError as exc:
+            if not self.allow_v1:
+                raise EcsMetadataError(f"no session token ({exc}), and SLS_ECS_METADATA_V1=off forbids "
+                                       "reading without one") from None
+            self.without_token = str(exc)
+            return None
+
+    def role_credentials(self, role):
+        """(role name, Credentials, expiration in unix seconds) of the role, or of the role attached
+        to the instance for "auto"."""
+        self.without_token = None
+        token = self.session_token()
+        headers = {"X-aliyun-ecs-metadata-token": token} if token else {}
+        if role == "auto":
+            role = (self.call(self.ROLES_PATH, headers=headers).strip().splitlines() or [""])[0]
+            if not role:
+                raise EcsMetadataError("no RAM role is attached to this instance")
+        try:
+            answer = self.call(self.ROLES_PATH + urllib.parse.quote(role), headers=headers)
+        except EcsMetadataError as exc:
+            if exc.status == 404:
+                raise EcsMetadataError(f"no RAM role {role} is attached to this instance ({exc})") from None
+            raise
+        try:
+            fields = json.loads(answer)
+            if fields.get("Code") != "Success":
+                raise EcsMetadataError(f"role {role}: its credentials come with Code {fields.get('Code')!r}")
+            expiration = calendar.timegm(time.strptime(fields["Expiration"], "%Y-%m-%dT%H:%M:%SZ"))
+            credentials = Credentials(fields["AccessKeyId"], fields["AccessKeySecret"], fields["SecurityToken"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise EcsMetadataError(f"role {role}: the answer is not temporary credentials in JSON") from None
+        return role, credentials, expiration
+
+
+class EcsRamRoleCredentials(SlsCredentials):
+    """The temporary credentials of the ECS instance's RAM role (SLS_ECS_RAM_ROLE), from the metadata
+    service: fetched at start (none, no start: exit 1), then by a thread of their own whenever half
+    of their remaining lifetime has passed (6-hour credentials after 3 hours, then 1.5 hours before
+    they expire, ...): new ones are in use long before the old ones expire, and a slow or failing
+    metadata service has hours to come back. A failed fetch is retried after 0.5, 1, 2, 4 and then
+    every 5 s, with a warning once a minute; the current credentials stay in use meanwhile. Once they
+    have expired SLS refuses every request and the shards wait: nothing is lost, and consumption
+    resumes with the next credentials."""
+
+    FIRST_RETRY, LAST_RETRY = 0.5, 5.0  # seconds between fetches while the service fails
+    SOONEST_REFETCH = 1.0  # seconds, however short-lived the credentials
+    REFETCH_ON_REFUSAL = 5.0  # seconds since the last fetch before a refusal by SLS asks for another
+
+    def __init__(self, settings):
+        self.service = EcsMetadataService(settings.sls_ecs_metadata_endpoint, settings.sls_ecs_metadata_v1)
+        self.role_setting = settings.sls_ecs_ram_role
+        self.role = None  # the role's name once known ("auto" finds it at the first fetch)
+        self.current = None  # (Credentials, expiration): replaced whole, so read without a lock
+        self.last_fetch = 0.0
+        self.warned = RateLimiter(60)
+        self.warned_without_token = False
+        self.wake = threading.Event()
+        self.closed = False
+        try:
+            self.fetch()
+        except EcsMetadataError as exc:
+            raise CredentialsError(f"SLS_ECS_RAM_ROLE: cannot get the RAM role's credentials from the ECS "
+                                   f"metadata service at {self.service.endpoint}: {exc}") from None
+        threading.Thread(target=self.keep_current, name="ram-role-credentials", daemon=True).start()
+
+    def fetch(self):
+        self.last_fetch = time.monotonic()
+        role, credentials, expiration = self.service.role_credentials(self.role or self.role_setting)
+        if expiration <= time.time():
+            raise EcsMetadataError(f"role {role}: the credentials it gives expired at {utc_time(expiration)}")
+        if self.service.without_token and not self.warned_without_token:
+            self.warned_without_token = True
+            log.warning("the ECS metadata service gave no session token (%s): read without one (normal "
+                        "mode, IMDSv1); SLS_ECS_METADATA_V1=off forbids that", self.service.without_token)
+        previous, self.role, self.current = self.current, role, (credentials, expiration)
+        if previous is None or previous[0].get_access_key_id() != credentials.get_access_key_id():
+            log.info("RAM role %s: AccessKey %s, valid until %s", role, credentials.get_access_key_id(),
+                     utc_time(expiration))
+
+    def get_credentials(self):
+        return self.current[0]
+
+    def keep_current(self):
+        failures = 0
+        while not self.closed:
+            if failures:
+                delay = min(self.FIRST_RETRY * 2 ** (failures - 1), self.LAST_RETRY)
+            else:
+                delay = max((self.current[1] - time.time()) / 2, self.SOONEST_REFETCH)
+            self.wake.wait(delay)
+            self.wake.clear()
+            if self.closed:
+                return
+            try:
+                self.fetch()
+            except EcsMetadataError as exc:
+                failures += 1
+                self.report(exc)
+                continue
+            if failures:
+                log.info("RAM role credentials fetched again after %d failed attempts", failures)
+            failures = 0
+
+    def report(self, exc):
+        expiration = self.current[1]
+        if time.time() < expiration:
+            if self.warned.ready("failing"):
+                log.warning("cannot renew the RAM role credentials from the ECS metadata service at %s "
+                            "(%s); the current ones stay valid until %s (%s more); retrying",
+                            self.service.endpoint, exc, utc_time(expiration), duration(expiration - time.time()))
+        elif self.warned.ready("expired"):
+            log.warning("the RAM role credentials expired at %s, and the ECS metadata service at %s still "
+                        "fails (%s): SLS refuses every request until it answers; retrying every %.0f s. "
+                        "Nothing is lost: consumption resumes with the next credentials",
+                        utc_time(expiration), self.service.endpoint, exc, self.LAST_RETRY)
+
+    def describe(self):
+        return (f"ECS RAM role {self.role} (SLS_ECS_RAM_ROLE={self.role_setting}) from the metadata "
+                f"service at {self.service.endpoint}: AccessKey {self.current[0].get_access_key_id()}")
+
+    def expiry(self):
+        expiration = self.current[1]
+        return (f"they expire at {utc_time(expiration)} (in {duration(expiration - time.time())}) and "
+                "are renewed before")
+
+    def refused(self, exc):
+        if time.monotonic() - self.last_fetch >= self.REFETCH_ON_REFUSAL:
+            if self.warned.ready("refused"):
+                log.warning("SLS refuses the RAM role credentials (%s: %s); fetching new ones",
+                            exc.get_error_code(), exc.get_error_message())
+            self.wake.set()
+
+    def close(self):
+        self.closed = True
+        self.wake.set()
+
+
+def open_credentials(settings):
+    """The credentials the settings name (SLS_ECS_RAM_ROLE, or the AccessKey); CredentialsError when
+    there are none to be had."""
+    if settings.sls_ecs_ram_role:
+        return EcsRamRoleCredentials(settings)
+    return AccessKeyCredentials(settings)
+
+
+def sls_client(settings, credentials):
+    """A LogClient signing every request with the current credentials, as SLS_AUTH_VERSION says: the
+    one way this program makes them (--check, --dry-run, counting shards, the consumer)."""
+    return LogClient(settings.sls_endpoint, auth_version=settings.sls_auth_version,
+                     region=settings.sls_region, credentials_provider=credentials)
+
+
+def warn_if_readable_by_others(paths):
+    """Warn about each file that can hold a secret (.env, key files) and that group or others can read."""
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue
+        if mode & 0o044:
+            log.warning("%s can hold a secret but is readable by group or others (mode %04o): chmod 600 %s",
+                        path, mode & 0o7777, path)
+
+
+# ================================================================================================
 # The SDK consumer: a processor per shard, the fixes to the SDK, and the program's statistics
 # ================================================================================================
 
@@ -2232,7 +2699,8 @@ class WafLogProcessor(ConsumerProcessorBase):
 
 
 class WafConsumerWorker(ConsumerWorker):
-    """The SDK's ConsumerWorker, run with a WafLogProcessor per shard, and:
+    """The SDK's ConsumerWorker, run with a WafLogProcessor per shard around the consumer client it
+    is given, and:
 
     * a fix (SDK 0.9.52): its heartbeat keeps listing every shard the group gave this consumer until
       that shard's consumer has shut down. A shard given and taken back between two rounds of the
@@ -2246,8 +2714,22 @@ class WafConsumerWorker(ConsumerWorker):
 
     IDLE_INTERVAL = 0.25  # seconds between rounds without a backlog (idle shards are pulled 2/s anyway)
 
-    def __init__(self, forwarder, config):
-        super().__init__(WafLogProcessor, config, args=(forwarder,))
+    def __init__(self, forwarder, config, client):
+        # Not ConsumerWorker.__init__: that builds a ConsumerClient of its own, with static keys
+        # only, and creates the group with it at once. This sets what it sets (sdk_internals()), with
+        # `client` for the group, the heartbeat and every shard consumer alike.
+        threading.Thread.__init__(self)
+        self.make_processor, self.process_args, self.process_kwargs = WafLogProcessor, (forwarder,), {}
+        self.option = config
+        self.consumer_client = client
+        self.shut_down_flag = False
+        self.logger = ConsumerWorkerLoggerAdapter(logging.getLogger(ConsumerWorker.__module__),
+                                                  {"consumer_worker": self})
+        self.shard_consumers = {}
+        self.last_owned_consumer_finish_time = 0
+        client.ensure_consumer_group_created(config.consumer_group_time_out, config.in_order)
+        self.heart_beat = ConsumerHeatBeat(client, config.heartbeat_interval, config.consumer_group_time_out)
+        self.own_executor, self._executor = True, ThreadPoolExecutor(max_workers=config.worker_pool_size)
         self.budget = forwarder.budget
         self.backlog_interval = config.data_fetch_interval
         self.last_round = time.monotonic()  # supervise() checks that the loop keeps going round
@@ -2267,8 +2749,15 @@ class WafConsumerWorker(ConsumerWorker):
 
 
 class ResilientConsumerClient(ConsumerClient):
-    """The SDK's ConsumerClient with two fixes for a no-loss forwarder (SDK 0.9.52 behaviour):
+    """The SDK's ConsumerClient signing with the current credentials, with fixes for a no-loss
+    forwarder (SDK 0.9.52 behaviour):
 
+    * its LogClient is sls_client(): the SDK's has static keys only, renewed by a
+      credentials_refresher it calls only after SLS refused a request (sleeping up to 5 minutes in
+      the refused thread when that happens again);
+    * a refusal of the credentials, from the heartbeat, a pull or a checkpoint write, is reported
+      to them (credentials.refused): RAM role credentials are fetched again at once, and an expired
+      SLS_STS_TOKEN ends the process (supervise) rather than failing every request for ever;
     * an expired checkpoint cursor (InvalidCursor) makes the SDK jump to the END of the shard,
       skipping everything still retained; here it resumes from the oldest retained log instead,
       and says loudly that the logs deleted by the logstore's retention are gone;
@@ -2277,11 +2766,34 @@ class ResilientConsumerClient(ConsumerClient):
       next checkpoint write, so consumption goes on (at worst, a restart repeats some logs);
     * a pull that SLS_QUERY filtered to nothing is a FilteredPull, so its checkpoint moves on."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, settings, credentials):
+        super().__init__(settings.sls_endpoint, None, None, settings.sls_project, settings.sls_logstore,
+                         settings.sls_cg, settings.sls_consumer_name)
+        self.mclient = sls_client(settings, credentials)  # every method sends through mclient
+        self.mclient.set_user_agent(f"{USER_AGENT}-consumergroup-{settings.sls_cg}-{settings.sls_consumer_name}")
+        self.credentials = credentials
         self.unsaved = {}  # shard -> (consumer, cursor) whose write failed
         self.unsaved_lock = threading.Lock()
         self.warned = RateLimiter(60)
+
+    def note_refusal(self, exc):
+        if refuses_credentials(exc):
+            self.credentials.refused(exc)
+
+    def heartbeat(self, shards, responce=None):
+        """The SDK's heartbeat, but a refusal is reported (the SDK's only logs it)."""
+        try:
+            granted = self.mclient.heart_beat(self.mproject, self.mlogstore, self.mconsumer_group,
+                                              self.mconsumer, shards).get_shards()
+        except LogException as exc:
+            self.note_refusal(exc)
+            if self.warned.ready("heartbeat"):
+                log.warning("consumer group heartbeat failed (%s: %s); retrying", exc.get_error_code(),
+                            exc.get_error_message())
+            return False
+        if responce is not None:
+            responce.extend(granted)
+        return True
 
     def pull_logs(self, shard_id, cursor, **kwargs):
         """super().pull_logs, with an expired cursor resumed from the oldest log, and a pull that
@@ -2295,6 +2807,7 @@ class ResilientConsumerClient(ConsumerClient):
         try:
             return super().pull_logs(shard_id, cursor, **kwargs)
         except LogException as exc:
+            self.note_refusal(exc)
             if "invalidcursor" not in exc.get_error_code().lower():
                 raise
             begin = self.get_begin_cursor(shard_id)
@@ -2314,6 +2827,7 @@ class ResilientConsumerClient(ConsumerClient):
         try:
             super().update_check_point(shard, consumer, check_point)
         except LogException as exc:
+            self.note_refusal(exc)
             with self.unsaved_lock:
                 self.unsaved[shard] = (consumer, check_point)
             if self.warned.ready("checkpoint"):
@@ -2354,8 +2868,9 @@ def consumer_config(settings):
     start = settings.sls_cursor_start
     position = {"begin": CursorPosition.BEGIN_CURSOR, "end": CursorPosition.END_CURSOR}.get(
         start, CursorPosition.SPECIAL_TIMER_CURSOR)
+    # No credentials, no signature: WafConsumerWorker's client (ResilientConsumerClient) has them.
     return LogHubConfig(
-        settings.sls_endpoint, settings.sls_ak_id, settings.sls_ak_key,
+        settings.sls_endpoint, None, None,
         settings.sls_project, settings.sls_logstore, settings.sls_cg,
         settings.sls_consumer_name, cursor_position=position,
         cursor_start_time=start if position == CursorPosition.SPECIAL_TIMER_CURSOR else None,
@@ -2364,7 +2879,6 @@ def consumer_config(settings):
         data_fetch_interval=settings.sls_fetch_interval,
         max_fetch_log_group_size=settings.sls_max_fetch_groups,
         worker_pool_size=settings.sls_worker_pool_size,
-        security_token=settings.sls_sts_token or None,
         query=settings.sls_query or None, processor=settings.sls_consume_processor or None)
 
 
@@ -2377,6 +2891,10 @@ def consumer_config(settings):
 # stops using it. To upgrade the SDK: change the pin, run those tests (README.md, "Upgrading the SDK").
 
 SDK_TESTED_VERSION = "0.9.52"
+# What ConsumerWorker.__init__ sets, and so WafConsumerWorker.__init__ in its place.
+WORKER_ATTRIBUTES = {"make_processor", "process_args", "process_kwargs", "option", "consumer_client",
+                     "shut_down_flag", "logger", "shard_consumers", "last_owned_consumer_finish_time",
+                     "heart_beat", "own_executor", "_executor"}
 
 
 def sdk_internals():
@@ -2390,8 +2908,8 @@ def sdk_internals():
         ("ConsumerWorker.run calls clean_shard_consumer once per round, stops on shut_down_flag and "
          "waits option.data_fetch_interval between rounds, read every round",
          ConsumerWorker, "run", {"clean_shard_consumer", "shut_down_flag", "option", "data_fetch_interval"}),
-        ("ConsumerWorker keeps shard_consumers, heart_beat and consumer_client",
-         ConsumerWorker, "__init__", {"shard_consumers", "heart_beat", "consumer_client"}),
+        ("ConsumerWorker.__init__ sets what WafConsumerWorker.__init__ sets in its place",
+         ConsumerWorker, "__init__", WORKER_ATTRIBUTES),
         ("a new shard consumer takes the worker's consumer_client",
          ConsumerWorker, "_get_shard_consumer", {"consumer_client"}),
         ("the heartbeat keeps mheld_shards and mheart_shards under lock",
@@ -2407,6 +2925,11 @@ def sdk_internals():
          ConsumerProcessorBase, "initialize", {"shard_id"}),
         ("a shard consumer asks each pull for its max_fetch_log_group_size LogGroups (FetchBudget)",
          ShardConsumerWorker, "fetch_data", {"max_fetch_log_group_size"}),
+        ("ConsumerClient keeps its LogClient in mclient, which ResilientConsumerClient replaces, and "
+         "its names in mproject, mlogstore, mconsumer_group, mconsumer (its heartbeat)",
+         ConsumerClient, "__init__", {"mclient", "mproject", "mlogstore", "mconsumer_group", "mconsumer"}),
+        ("ConsumerClient sends its requests through mclient (e.g. reading a checkpoint)",
+         ConsumerClient, "get_check_point", {"mclient"}),
     ]
 
 
@@ -2446,22 +2969,31 @@ def stopped(stop, seconds):
     return stop.is_set()
 
 
+def credentials_or_none(settings):
+    """open_credentials(settings), or None once the reason is logged (the caller exits 1)."""
+    try:
+        credentials = open_credentials(settings)
+    except CredentialsError as exc:
+        log.error("%s", exc)
+        return None
+    log.info("SLS credentials: %s", credentials.describe())
+    return credentials
+
+
 def run(settings):
     """Consume until stopped; returns the exit status."""
     stop = stop_on_signals()
-    forwarder = Forwarder(settings, stop)
-    config = consumer_config(settings)
-    try:
-        worker = WafConsumerWorker(forwarder, config)
-    except ClientWorkerException as exc:
-        log.error("cannot join consumer group %s of %s/%s: %s", settings.sls_cg,
-                  settings.sls_project, settings.sls_logstore, exc)
+    credentials = credentials_or_none(settings)
+    if credentials is None:
         return EXIT_FAILURE
-    # Shard consumers take their client from the worker when they start: give them the resilient one.
-    client = ResilientConsumerClient(
-        config.endpoint, config.accessKeyId, config.accessKey, config.project, config.logstore,
-        config.consumer_group_name, config.consumer_name, config.securityToken)
-    worker.consumer_client = client
+    forwarder = Forwarder(settings, stop)
+    client = ResilientConsumerClient(settings, credentials)
+    try:
+        worker = WafConsumerWorker(forwarder, consumer_config(settings), client)
+    except ClientWorkerException as exc:
+        log.error("cannot join consumer group %s of %s/%s with the %s: %s", settings.sls_cg,
+                  settings.sls_project, settings.sls_logstore, credentials.describe(), exc)
+        return EXIT_FAILURE
     log.info("*** start to consume data...")
     log.info("consumer %s of group %s on %s/%s -> %s %s:%d", settings.sls_consumer_name,
              settings.sls_cg, settings.sls_project, settings.sls_logstore,
@@ -2491,7 +3023,9 @@ def supervise(settings, worker, forwarder, stop):
 
     The thread's loop goes round every SLS_FETCH_INTERVAL (the work itself runs in the pool), so a
     loop that has not gone round for 10 heartbeat intervals is stuck, and its shards, which the
-    heartbeat keeps holding, would be read by nobody."""
+    heartbeat keeps holding, would be read by nobody. Credentials that SLS refuses and nothing
+    renews (an expired SLS_STS_TOKEN) end it too."""
+    credentials = worker.consumer_client.credentials
     next_stats = time.monotonic() + (settings.sync_stats_interval or float("inf"))
     stuck_after = 10 * settings.sls_heartbeat_interval
     last_check = time.monotonic()
@@ -2512,16 +3046,26 @@ def supervise(settings, worker, forwarder, stop):
                       "forwarder", now - worker.last_round, list(worker.heart_beat.mheld_shards))
             logging.shutdown()
             os._exit(EXIT_FAILURE)  # a stuck thread cannot be joined, and would hold up a normal exit
+        if credentials.failure:
+            log.error("%s; exiting", credentials.failure)
+            return EXIT_FAILURE
         if now >= next_stats:
             log.info(forwarder.stats.line())
             next_stats += settings.sync_stats_interval
     return EXIT_OK
 
 
-def sls_client(settings):
-    """A plain SDK LogClient (no consumer group) for --check, --dry-run and counting shards."""
-    return LogClient(settings.sls_endpoint, settings.sls_ak_id, settings.sls_ak_key,
-                     settings.sls_sts_token or None)
+def check_sls(settings, client):
+    """(ok, verdict) of --check for SLS: the logstore's shards and the consumer group."""
+    where = f"SLS {settings.sls_project}/{settings.sls_logstore}"
+    try:
+        shards = client.list_shards(settings.sls_project, settings.sls_logstore).get_shards_info()
+        groups = client.list_consumer_group(settings.sls_project, settings.sls_logstore).get_consumer_groups()
+    except LogException as exc:
+        return False, f"{where}: {exc.get_error_code()}: {exc.get_error_message()}"
+    state = "exists" if settings.sls_cg in [g.get_consumer_group_name() for g in groups] else "will be created"
+    return True, (f"{where}: {len(shards)} shards, consumer group {settings.sls_cg} {state} "
+                  f"(signature {settings.sls_auth_version})")
 
 
 STATEMENT_REFUSED = {"ParameterInvalid", "InvalidParameter", "ConsumeProcessorNotExist"}
@@ -2547,25 +3091,37 @@ def statement_problem(settings, client):
     return None
 
 
+def refused_statement(settings):
+    """statement_problem() before the consumer starts, with credentials of its own (they are
+    needed only when there is a statement); None also when there are no credentials: the run
+    reports that."""
+    if not (settings.sls_query or settings.sls_consume_processor):
+        return None
+    credentials = credentials_or_none(settings)
+    if credentials is None:
+        return None
+    try:
+        return statement_problem(settings, sls_client(settings, credentials))
+    finally:
+        credentials.close()
+
+
 def check(settings):
     """--check: one verdict line per check; 0 when all pass, 1 otherwise (2 for a statement SLS
     refuses: a setting error)."""
     results = []
-    client = sls_client(settings)
-    refused = statement_problem(settings, client)
-    if refused:
-        print(f"setting error: {refused}", file=sys.stderr, flush=True)
-        return EXIT_BAD_SETTINGS
     try:
-        shards = client.list_shards(settings.sls_project, settings.sls_logstore).get_shards_info()
-        groups = client.list_consumer_group(settings.sls_project, settings.sls_logstore).get_consumer_groups()
-        names = [g.get_consumer_group_name() for g in groups]
-        state = "exists" if settings.sls_cg in names else "will be created"
-        results.append((True, f"SLS {settings.sls_project}/{settings.sls_logstore}: {len(shards)} shards, "
-                              f"consumer group {settings.sls_cg} {state}"))
-    except LogException as exc:
-        results.append((False, f"SLS {settings.sls_project}/{settings.sls_logstore}: "
-                               f"{exc.get_error_code()}: {exc.get_error_message()}"))
+        credentials = open_credentials(settings)
+    except CredentialsError as exc:
+        results.append((False, f"credentials: {exc}"))
+    else:
+        client = sls_client(settings, credentials)
+        refused = statement_problem(settings, client)
+        if refused:
+            print(f"setting error: {refused}", file=sys.stderr, flush=True)
+            return EXIT_BAD_SETTINGS
+        results.append((True, f"credentials: {credentials.describe()}; {credentials.expiry()}"))
+        results.append(check_sls(settings, client))
     transport = TRANSPORTS[settings.syslog_protocol](settings)
     target = f"syslog {settings.syslog_protocol}://{settings.syslog_host}:{settings.syslog_port}"
     try:
@@ -2584,7 +3140,10 @@ def check(settings):
 def dry_run(settings):
     """--dry-run: print the next messages of every shard (from the group's checkpoints, or from
     SLS_CURSOR_START) up to the current end of each shard; join no group, save nothing."""
-    client = sls_client(settings)
+    credentials = credentials_or_none(settings)
+    if credentials is None:
+        return EXIT_FAILURE
+    client = sls_client(settings, credentials)
     encoder, budget = MessageEncoder(settings), FetchBudget(settings)
     project, logstore = settings.sls_project, settings.sls_logstore
     try:
@@ -2629,12 +3188,18 @@ def worker_count(settings):
     if settings.sync_workers != "auto":
         return settings.sync_workers
     cores = os.cpu_count() or 1
+    credentials = credentials_or_none(settings)
+    if credentials is None:
+        log.warning("cannot count the shards without credentials; starting one worker per core")
+        return cores
     try:
-        shards = len(sls_client(settings).list_shards(settings.sls_project, settings.sls_logstore)
+        shards = len(sls_client(settings, credentials).list_shards(settings.sls_project, settings.sls_logstore)
                      .get_shards_info())
     except LogException as exc:
         log.warning("cannot count the shards (%s); starting one worker per core", exc.get_error_code())
         return cores
+    finally:
+        credentials.close()  # the workers get credentials of their own
     return max(1, min(cores, shards))
 
 
@@ -2763,6 +3328,10 @@ def main(argv=None):
             print(f"setting error: {problem}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     setup_logging(settings)
+    secret_files = [settings.sls_ak_key_file, settings.sls_sts_token_file]
+    if os.path.isfile(env_file):
+        secret_files.append(env_file)
+    warn_if_readable_by_others(path for path in secret_files if path)
     sdk_problem = check_sdk()
     if sdk_problem:
         log.error("%s", sdk_problem)
@@ -2771,7 +3340,7 @@ def main(argv=None):
         return check(settings)
     if args.dry_run:
         return dry_run(settings)
-    refused = statement_problem(settings, sls_client(settings))
+    refused = refused_statement(settings)
     if refused:
         print(f"setting error: {refused}", file=sys.stderr)
         return EXIT_BAD_SETTINGS

@@ -435,8 +435,8 @@ def load_forwarder(name, script):
 
 def encoder_settings(forwarder, separator, encoding="kv"):
     return forwarder.Settings.from_environment({
-        "SLS_ENDPOINT": "bench.invalid", "SLS_AK_ID": "id", "SLS_AK_KEY": "key", "SLS_PROJECT": "p",
-        "SLS_LOGSTORE": "l", "SYSLOG_HOST": "127.0.0.1", "SYSLOG_SEP": separator,
+        "SLS_ENDPOINT": "bench.invalid", "SLS_REGION": "cn-hangzhou", "SLS_AK_ID": "id", "SLS_AK_KEY": "key",
+        "SLS_PROJECT": "p", "SLS_LOGSTORE": "l", "SYSLOG_HOST": "127.0.0.1", "SYSLOG_SEP": separator,
         "SYSLOG_ENCODING": encoding})
 
 

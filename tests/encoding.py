@@ -8,7 +8,7 @@ import sync_waf_to_syslog as fwd
 from tests.waf_logs import pull_body
 
 RFC5424 = re.compile(rb"<(\d{1,3})>1 (\S+) (\S+) (\S+) (\S+) (\S+) (\S+) (.*)\Z", re.S)
-BASE_ENV = dict(SLS_ENDPOINT="sls.example.test", SLS_AK_ID="id", SLS_AK_KEY="secret",
+BASE_ENV = dict(SLS_ENDPOINT="sls.example.test", SLS_REGION="cn-hangzhou", SLS_AK_ID="id", SLS_AK_KEY="secret",
                 SLS_PROJECT="p", SLS_LOGSTORE="l", SYSLOG_HOST="syslog.example.test")
 
 

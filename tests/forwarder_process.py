@@ -20,7 +20,7 @@ def forwarder_env(emulator, *, host="127.0.0.1", port, protocol="tcp", **setting
     env.update({
         "SLS_ENDPOINT": emulator.endpoint, "SLS_AK_ID": emulator.access_key_id,
         "SLS_AK_KEY": emulator.access_key_secret, "SLS_PROJECT": emulator.project,
-        "SLS_LOGSTORE": emulator.logstore, "SLS_CG": "test-group",
+        "SLS_LOGSTORE": emulator.logstore, "SLS_REGION": "cn-hangzhou", "SLS_CG": "test-group",
         "SLS_CONSUMER_NAME": "test-consumer", "SLS_HEARTBEAT_INTERVAL": "1",
         "SLS_FETCH_INTERVAL": "0.1", "SYSLOG_HOST": host, "SYSLOG_PORT": str(port),
         "SYSLOG_PROTOCOL": protocol, "SYSLOG_RETRY_MAX_DELAY": "1", "SYNC_STATS_INTERVAL": "0",

@@ -40,12 +40,14 @@ GET    /_emulator/state   JSON: {"project", "logstores": {LOGSTORE: {"shards": {
                           "checkpoints": {"0": C}, "checkpoint_consumers": {"0": NAME}}}}},
                           "requests": {op: n}, "errors": {errorCode: n}, "faults": [fault...],
                           "temporary_credentials": {AKID: {"expiration", "expired"}},
-                          "requests_by_access_key": {AKID: n}, "refusals_by_access_key": {AKID:
-                          {reason: n}}, "processors": {NAME: SPL}, "spl": {"pulls", "raw_logs",
-                          "result_logs", "failed_logs"}}
+                          "requests_by_access_key": {AKID: n}, "requests_by_signature": {"v1"
+                          or "v4 REGION": n}, "refusals_by_access_key": {AKID: {reason: n}},
+                          "processors": {NAME: SPL}, "spl": {"pulls", "raw_logs", "result_logs",
+                          "failed_logs"}}
                           ("logs" counts the logs between the begin and end cursors;
-                          "requests_by_access_key" counts the requests that passed authentication,
-                          permanent key included, refusal reasons are below; "spl" counts the pulls
+                          "requests_by_access_key" and "requests_by_signature" count the requests
+                          that passed authentication, permanent key included (a v4 signature by
+                          the region it names), refusal reasons are below; "spl" counts the pulls
                           with a statement and the logs they read, returned and failed on.)
 POST   /_emulator/faults  body: one fault object or a list of them; answers {"faults": [...]}.
 DELETE /_emulator/faults  removes every fault.
@@ -833,6 +835,7 @@ class SlsService:
         self._error_counts: dict = {}
         self._temporary_credentials: dict = {}   # AccessKey ID -> TemporaryCredential
         self._requests_by_access_key: dict = {}  # AccessKey ID -> authenticated requests
+        self._requests_by_signature: dict = {}  # "v1" or "v4 REGION" -> authenticated requests
         self._refusals_by_access_key: dict = {}  # AccessKey ID -> {reason: refused requests}
         self._processors: dict = {}  # consume processor name -> spl.Statement
         self._spl_counts = {"pulls": 0, "raw_logs": 0, "result_logs": 0, "failed_logs": 0}
@@ -916,13 +919,16 @@ class SlsService:
         authorization = headers.get("Authorization") or ""
         if authorization.startswith("LOG "):
             access_key_id = self._check_v1(authorization, method, path, query, headers, body)
+            signature = "v1"
         elif authorization.startswith("SLS4-HMAC-SHA256 "):
-            access_key_id = self._check_v4(authorization, method, path, query, headers, body)
+            access_key_id, region = self._check_v4(authorization, method, path, query, headers, body)
+            signature = f"v4 {region}"
         else:
             raise SlsError(401, "Unauthorized", "the request is not signed (no LOG or SLS4 Authorization)")
         with self._lock:
             self._requests_by_access_key[access_key_id] = \
                 self._requests_by_access_key.get(access_key_id, 0) + 1
+            self._requests_by_signature[signature] = self._requests_by_signature.get(signature, 0) + 1
 
     def _refusal(self, access_key_id: str, reason: str, status: int, code: str, message: str) -> SlsError:
         """The error refusing a request signed with access_key_id, counted under its reason."""
@@ -1002,7 +1008,7 @@ class SlsService:
         if not hmac.compare_digest(expected, signature):
             raise self._signature_mismatch(access_key_id, headers, f"v4 signature not match, canonical "
                                                                    f"request {canonical_request!r}")
-        return access_key_id
+        return access_key_id, region
 
     def add_credentials(self, access_key_id: str, access_key_secret: str, security_token: str,
                         expiration: float) -> dict:
@@ -1169,6 +1175,7 @@ class SlsService:
                     access_key_id: {"expiration": c.expiration, "expired": now >= c.expiration}
                     for access_key_id, c in sorted(self._temporary_credentials.items())},
                 "requests_by_access_key": dict(sorted(self._requests_by_access_key.items())),
+                "requests_by_signature": dict(sorted(self._requests_by_signature.items())),
                 "refusals_by_access_key": {access_key_id: dict(sorted(reasons.items()))
                                            for access_key_id, reasons
                                            in sorted(self._refusals_by_access_key.items())},

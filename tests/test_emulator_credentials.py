@@ -67,6 +67,7 @@ def test_a_temporary_credential_works_with_its_token_and_is_counted(emulator, si
 
     state = emulator.state()
     assert state["requests_by_access_key"] == {akid: 4, AKID: 4}
+    assert state["requests_by_signature"] == {f"v4 {V4['region']}" if signature else "v1": 8}
     assert state["refusals_by_access_key"] == {} and state["errors"] == {}
     assert state["temporary_credentials"][akid]["expired"] is False
     assert secret not in json.dumps(state) and token not in json.dumps(state)

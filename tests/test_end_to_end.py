@@ -89,7 +89,7 @@ def test_check_reports_each_part(rsyslog, pki, make_emulator, tmp_path):
                         SYSLOG_CERT_PATH=pki.ca)
     status, out, _ = run_forwarder(env, tmp_path, ["--check"])
     assert status == 0, out
-    assert out.count("OK  ") == 2 and "2 shards" in out and "TLS handshake" in out
+    assert out.count("OK  ") == 3 and "2 shards" in out and "TLS handshake" in out
 
 
 def test_wrong_access_key_is_refused_without_printing_it(make_emulator, rsyslog, tmp_path):

@@ -23,8 +23,8 @@ from tests.rsyslog_peer import Rsyslog, unique_tag
 from tests.syslog_receiver import loss_report
 from tests.waf_logs import realistic_logs, write_jsonl
 
-BASE_ENV = dict(SLS_ENDPOINT="sls.example.test", SLS_AK_ID="id", SLS_AK_KEY="secret", SLS_PROJECT="p",
-                SLS_LOGSTORE="l", SYSLOG_HOST="127.0.0.1", SYSLOG_PROTOCOL="relp",
+BASE_ENV = dict(SLS_ENDPOINT="sls.example.test", SLS_REGION="cn-hangzhou", SLS_AK_ID="id", SLS_AK_KEY="secret",
+                SLS_PROJECT="p", SLS_LOGSTORE="l", SYSLOG_HOST="127.0.0.1", SYSLOG_PROTOCOL="relp",
                 SYSLOG_RETRY_MAX_DELAY="0.1")
 
 

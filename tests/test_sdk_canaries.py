@@ -23,6 +23,7 @@ from aliyun.log.consumer.consumer_client import ConsumerClient
 from aliyun.log.consumer.heart_beat import ConsumerHeatBeat
 from aliyun.log.consumer.preprocessor import to_log_group_list_pb
 from aliyun.log.consumer.shard_worker import ShardConsumerWorker
+from aliyun.log.credentials import Credentials, CredentialsProvider
 from aliyun.log.pulllog_response import PullLogResponse
 
 import sync_waf_to_syslog as fwd
@@ -212,6 +213,47 @@ def canary_worker_attributes(emulator, worker_class):
         stop(worker)
 
 
+def canary_worker_init(emulator, worker_class):
+    """WafConsumerWorker.__init__, which replaces ConsumerWorker.__init__, sets all it sets."""
+    seen = collections.defaultdict(list)
+    sdk_worker = worker_class(Probe, config(emulator), args=(seen,))
+    ours = fwd.WafConsumerWorker(Probe, config(emulator, "ours"), consumer_client(emulator, "ours"), args=(seen,))
+    for worker in (sdk_worker, ours):
+        worker.executor.shutdown()
+    missing = sorted(set(vars(sdk_worker)) - set(vars(ours)))
+    return not missing, f"set by the SDK's __init__, not by WafConsumerWorker's: {missing}"
+
+
+class CountingCredentials(CredentialsProvider):
+    """The canaries' AccessKey, counting the requests signed with it."""
+
+    def __init__(self):
+        self.signed = 0
+
+    def get_credentials(self):
+        self.signed += 1
+        return Credentials(AKID, SECRET)
+
+
+def canary_mclient(emulator, client_class):
+    """A consumer client sends every request, heartbeats included, through its LogClient mclient
+    (which ResilientConsumerClient replaces by one with a credentials provider)."""
+    client = client_class(emulator.endpoint, AKID, SECRET, PROJECT, LOGSTORE, GROUP, "canary")
+    credentials = CountingCredentials()
+    client.mclient = LogClient(emulator.endpoint, credentials_provider=credentials)
+    requests = lambda: emulator.state()["requests_by_access_key"].get(AKID, 0)  # noqa: E731
+    before = requests()
+    client.ensure_consumer_group_created(2, False)
+    cursor = client.get_begin_cursor(0)
+    client.pull_logs(0, cursor, count=2)
+    client.heartbeat([], [])
+    client.update_check_point(0, "canary", cursor)
+    client.get_check_point(0)
+    client.get_cursor(0, "end")
+    sent = requests() - before
+    return sent >= 7 and credentials.signed == sent, f"{sent} requests, {credentials.signed} through mclient"
+
+
 def canary_heartbeat_lists(emulator, heartbeat_class):
     """The heartbeat keeps mheld_shards (the shards granted) and mheart_shards (those it reports)
     and changes them under its lock: while the lock is held elsewhere, its thread waits."""
@@ -336,6 +378,23 @@ class FreshClientPerShard(ConsumerWorker):
         return super()._get_shard_consumer(shard_id)
 
 
+class SetsMore(ConsumerWorker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pending_shards = {}
+
+
+class HeartbeatsWithItsFirstClient(ConsumerClient):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.first_client = self.mclient
+
+    def heartbeat(self, shards, responce=None):
+        responce.extend(self.first_client.heart_beat(self.mproject, self.mlogstore, self.mconsumer_group,
+                                                     self.mconsumer, shards).get_shards())
+        return True
+
+
 class LocksSomethingElse(ConsumerHeatBeat):
     def run(self):  # the SDK's loop, changing the lists under a lock of its own
         own_lock = threading.RLock()
@@ -382,6 +441,8 @@ CANARIES = {  # (canary, the real SDK class, its broken stand-in)
     "data_fetch_interval": (canary_fetch_interval, ConsumerWorker, KeepsItsFirstInterval),
     "max_fetch_log_group_size": (canary_max_fetch_groups, ShardConsumerWorker, KeepsItsFirstCount),
     "worker attributes": (canary_worker_attributes, ConsumerWorker, FreshClientPerShard),
+    "worker __init__": (canary_worker_init, ConsumerWorker, SetsMore),
+    "mclient": (canary_mclient, ConsumerClient, HeartbeatsWithItsFirstClient),
     "heartbeat lists": (canary_heartbeat_lists, ConsumerHeatBeat, LocksSomethingElse),
     "remove_heart_shard": (canary_remove_heart_shard, ConsumerHeatBeat, RenamedLists),
     "tracker": (canary_tracker, ConsumerCheckpointTracker, FlushesWithoutTheLock),
@@ -434,8 +495,8 @@ def test_removing_any_internal_fails_the_start_up_check(index, monkeypatch):
 
 def forwarder_without_sls(python_args, cwd):
     """(exit status, stderr) of the forwarder run with python_args and settings that name no real SLS."""
-    env = {"SLS_ENDPOINT": "http://sls.invalid", "SLS_AK_ID": "id", "SLS_AK_KEY": "s", "SLS_PROJECT": "p",
-           "SLS_LOGSTORE": "l", "SYSLOG_HOST": "127.0.0.1", "PATH": "/usr/bin:/bin"}
+    env = {"SLS_ENDPOINT": "http://sls.invalid", "SLS_REGION": "cn-hangzhou", "SLS_AK_ID": "id", "SLS_AK_KEY": "s",
+           "SLS_PROJECT": "p", "SLS_LOGSTORE": "l", "SYSLOG_HOST": "127.0.0.1", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, *python_args], env=env, capture_output=True, text=True,
                             timeout=60, cwd=cwd)
     return result.returncode, result.stderr

@@ -11,9 +11,10 @@ from tests.forwarder_process import SCRIPT
 
 SECRET = "S3cret-AK-must-never-print"
 TOKEN = "STS-token-must-never-print"
-GOOD = dict(SLS_ENDPOINT="sls.example.test", SLS_AK_ID="test-akid", SLS_AK_KEY=SECRET,
-            SLS_STS_TOKEN=TOKEN, SLS_PROJECT="waf-project", SLS_LOGSTORE="waf-logstore",
+GOOD = dict(SLS_ENDPOINT="sls.example.test", SLS_REGION="cn-hangzhou", SLS_AK_ID="test-akid",
+            SLS_AK_KEY=SECRET, SLS_STS_TOKEN=TOKEN, SLS_PROJECT="waf-project", SLS_LOGSTORE="waf-logstore",
             SYSLOG_HOST="127.0.0.1")
+NO_ACCESS_KEY = dict(SLS_AK_ID=None, SLS_AK_KEY=None, SLS_STS_TOKEN=None)
 
 
 def main_in_process(env, monkeypatch, capsys):
@@ -36,10 +37,14 @@ def run_with(env, args=(), cwd=None):
 
 
 @pytest.fixture(scope="module")
-def garbage_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("files") / "not-a-certificate.pem"
-    path.write_text("this is not a PEM file\n")
-    return str(path)
+def files(tmp_path_factory):
+    """Paths standing for the words GARBAGE (a file that is no PEM), EMPTY (an empty file) and
+    DIRECTORY (not a file) in BAD_SETTINGS."""
+    folder = tmp_path_factory.mktemp("files")
+    (folder / "not-a-certificate.pem").write_text("this is not a PEM file\n")
+    (folder / "empty").write_text("\n")
+    return {"GARBAGE": str(folder / "not-a-certificate.pem"), "EMPTY": str(folder / "empty"),
+            "DIRECTORY": str(folder)}
 
 
 BAD_SETTINGS = [
@@ -96,12 +101,25 @@ BAD_SETTINGS = [
     ("SYSLOG_FIELDS_RENAME", dict(SYSLOG_FIELDS_RENAME="http_cookie:cookie", SYSLOG_FIELDS_EXCLUDE="http_*")),
     ("SYSLOG_STATIC_FIELDS", dict(SYSLOG_STATIC_FIELDS="env")),
     ("SYSLOG_STATIC_FIELDS", dict(SYSLOG_STATIC_FIELDS="env=prod,=hz")),
+    ("SLS_ECS_RAM_ROLE", dict(SLS_ECS_RAM_ROLE="auto")),  # and an AccessKey
+    ("SLS_ECS_RAM_ROLE", dict(NO_ACCESS_KEY, SLS_ECS_RAM_ROLE="auto", SLS_STS_TOKEN_FILE="GARBAGE")),
+    ("SLS_ECS_RAM_ROLE", dict(NO_ACCESS_KEY, SLS_ECS_RAM_ROLE="role name")),
+    ("SLS_AK_KEY_FILE", dict(SLS_AK_KEY_FILE="GARBAGE")),  # and SLS_AK_KEY
+    ("SLS_AK_KEY_FILE", dict(SLS_AK_KEY=None, SLS_AK_KEY_FILE="/nonexistent/key")),
+    ("SLS_AK_ID_FILE", dict(SLS_AK_ID=None, SLS_AK_ID_FILE="DIRECTORY")),
+    ("SLS_STS_TOKEN_FILE", dict(SLS_STS_TOKEN=None, SLS_STS_TOKEN_FILE="EMPTY")),
+    ("SLS_ECS_METADATA_ENDPOINT", dict(NO_ACCESS_KEY, SLS_ECS_RAM_ROLE="auto",
+                                       SLS_ECS_METADATA_ENDPOINT="100.100.100.200")),
+    ("SLS_ECS_METADATA_V1", dict(SLS_ECS_METADATA_V1="sometimes")),
+    ("SLS_AUTH_VERSION", dict(SLS_AUTH_VERSION="v2")),
+    ("SLS_REGION", dict(SLS_REGION=None)),  # sls.example.test names no region
+    ("SLS_REGION", dict(SLS_REGION="cn hangzhou")),
 ]
 
 
 @pytest.mark.parametrize("variable, change", BAD_SETTINGS, ids=[f"{v}-{i}" for i, (v, _) in enumerate(BAD_SETTINGS)])
-def test_bad_setting_exits_2_naming_the_variable(variable, change, garbage_file, monkeypatch, capsys):
-    env = {**GOOD, **{k: garbage_file if v == "GARBAGE" else v for k, v in change.items()}}
+def test_bad_setting_exits_2_naming_the_variable(variable, change, files, monkeypatch, capsys):
+    env = {**GOOD, **{k: files.get(v, v) for k, v in change.items()}}
     env = {k: v for k, v in env.items() if v is not None}
     status, out, err = main_in_process(env, monkeypatch, capsys)
     assert status == 2, err
@@ -189,6 +207,23 @@ def test_static_fields_setting():
     s = fwd.Settings.from_environment(dict(GOOD, SYSLOG_STATIC_FIELDS=" env=prod, dc = hz ,,note=a=b"))
     assert s.syslog_static_fields == (("env", "prod"), ("dc", "hz"), ("note", "a=b"))
     assert fwd.Settings.from_environment(GOOD).syslog_static_fields == ()
+
+
+def test_credential_settings():
+    role = fwd.Settings.from_environment(dict(GOOD, **NO_ACCESS_KEY, SLS_ECS_RAM_ROLE="AUTO", SLS_REGION="",
+                                              SLS_ENDPOINT="https://cn-beijing-intranet.log.aliyuncs.com"))
+    assert (role.sls_ecs_ram_role, role.sls_ecs_metadata_endpoint, role.sls_ecs_metadata_v1) == \
+        ("auto", "http://100.100.100.200", True)
+    assert (role.sls_auth_version, role.sls_region) == ("v4", "cn-beijing")
+    assert fwd.Settings.from_environment(dict(GOOD, SLS_REGION="", SLS_AUTH_VERSION="v1")).sls_region == ""
+    keys = fwd.Settings.from_environment(dict(GOOD, SLS_AK_KEY=None, SLS_AK_KEY_FILE=__file__,
+                                              SLS_ECS_METADATA_V1="off"))
+    assert (keys.sls_ak_key, keys.sls_ak_key_file, keys.sls_ecs_metadata_v1) == ("", __file__, False)
+    for endpoint, region in [("cn-hangzhou.log.aliyuncs.com", "cn-hangzhou"),
+                             ("http://cn-hangzhou-finance-intranet.log.aliyuncs.com", "cn-hangzhou-finance"),
+                             ("ap-southeast-1-share.log.aliyuncs.com:80", "ap-southeast-1"),
+                             ("log-global.aliyuncs.com", ""), ("10.0.0.1", ""), ("sls.example.test", "")]:
+        assert fwd.endpoint_region(endpoint) == region, endpoint
 
 
 def test_every_setting_is_its_variable_and_documented():
