@@ -3097,8 +3097,9 @@ def refused_statement(settings):
     reports that."""
     if not (settings.sls_query or settings.sls_consume_processor):
         return None
-    credentials = credentials_or_none(settings)
-    if credentials is None:
+    try:
+        credentials = open_credentials(settings)
+    except CredentialsError:
         return None
     try:
         return statement_problem(settings, sls_client(settings, credentials))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -27,6 +28,7 @@ from aliyun.log.credentials import Credentials, CredentialsProvider
 from aliyun.log.pulllog_response import PullLogResponse
 
 import sync_waf_to_syslog as fwd
+from tests.encoding import make_settings
 from tests.forwarder_process import SCRIPT, with_fault
 from tests.polling import poll
 from tests.sdk_consumer import AKID, LOGSTORE, PROJECT, SECRET, emulator_for_sdk
@@ -217,7 +219,8 @@ def canary_worker_init(emulator, worker_class):
     """WafConsumerWorker.__init__, which replaces ConsumerWorker.__init__, sets all it sets."""
     seen = collections.defaultdict(list)
     sdk_worker = worker_class(Probe, config(emulator), args=(seen,))
-    ours = fwd.WafConsumerWorker(Probe, config(emulator, "ours"), consumer_client(emulator, "ours"), args=(seen,))
+    forwarder = types.SimpleNamespace(budget=fwd.FetchBudget(make_settings()))  # all its __init__ reads
+    ours = fwd.WafConsumerWorker(forwarder, config(emulator, "ours"), consumer_client(emulator, "ours"))
     for worker in (sdk_worker, ours):
         worker.executor.shutdown()
     missing = sorted(set(vars(sdk_worker)) - set(vars(ours)))
