@@ -97,6 +97,7 @@ def test_the_program_exits_2_with_one_line_naming_syslog_host():
 
 
 # ---- Delivery over several targets -------------------------------------------------------------
+# Marked slow where a test waits for probes, pauses or a timeout.
 
 FAST = dict(SYSLOG_RETRY_MAX_DELAY="0.2", SYSLOG_FAILBACK_AFTER="0.5")
 _ids = itertools.count()
@@ -137,6 +138,7 @@ def in_background(deliver, messages):
     return thread, result
 
 
+@pytest.mark.slow
 def test_failover_sends_everything_to_the_first_target_then_the_next_then_fails_back(caplog):
     caplog.set_level("INFO", logger="sync_waf_to_syslog")
     with SyslogReceiver() as a, SyslogReceiver() as b, delivering(a, b) as delivery:
@@ -163,6 +165,7 @@ def test_failover_sends_everything_to_the_first_target_then_the_next_then_fails_
     assert loss_report(ids_of(*sent), a.messages + b.messages)["lost"] == 0
 
 
+@pytest.mark.slow
 def test_round_robin_takes_turns_and_a_failed_target_drops_out_and_rejoins():
     with SyslogReceiver() as a, SyslogReceiver() as b, \
             delivering(a, b, SYSLOG_BALANCE="round-robin") as delivery:
@@ -186,6 +189,7 @@ def test_round_robin_takes_turns_and_a_failed_target_drops_out_and_rejoins():
     assert loss_report(ids_of(*sent), a.messages + b.messages)["lost"] == 0
 
 
+@pytest.mark.slow
 def test_with_every_target_down_the_batch_waits_for_the_first_that_returns(caplog):
     with SyslogReceiver(listening=False) as a, SyslogReceiver(listening=False) as b, \
             delivering(a, b) as delivery:
@@ -202,6 +206,7 @@ def test_with_every_target_down_the_batch_waits_for_the_first_that_returns(caplo
         assert delivery.stats.totals["resent"] == 5  # the batch, once, on the attempt that worked
 
 
+@pytest.mark.slow
 def test_one_target_is_retried_as_it_always_was(caplog):
     with SyslogReceiver(listening=False) as a, delivering(a) as delivery:
         thread, result = in_background(delivery.deliver, batch())
@@ -214,6 +219,7 @@ def test_one_target_is_retried_as_it_always_was(caplog):
     assert "active" not in delivery.stats.line(delivery.pool.active())
 
 
+@pytest.mark.slow
 def test_what_a_reset_connection_may_not_have_read_is_sent_to_the_next_target():
     """A reads 7 messages, stops reading and resets its connection: the 3 it never read were
     acknowledged by its kernel. The next batch fails on A and goes to B, with what A confirmed in
@@ -232,6 +238,7 @@ def test_what_a_reset_connection_may_not_have_read_is_sent_to_the_next_target():
     assert report["lost"] == 0 and report["duplicates"] == 7, report
 
 
+@pytest.mark.slow
 def test_a_stall_past_syslog_timeout_moves_the_batch_to_the_next_target(caplog):
     big = [b"<14>1 - h app - - - request_traceid=big%d " % i + b"x" * 65000 for i in range(256)]
     with SyslogReceiver(stalled=True) as a, SyslogReceiver() as b, \
