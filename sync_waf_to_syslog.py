@@ -9,11 +9,12 @@ WHAT IT DOES
   Over TCP and TLS "accepted" is the server's kernel acknowledging the bytes; when a connection breaks
   other than by a clean close, the last second is sent again, as the server may not have read it.
   With RELP "accepted" is the server's own acknowledgement of every message, so not even a crashing
-  syslog server loses one.
+  syslog server loses one. With several collectors (SYSLOG_HOST=a,b) a batch a collector did not
+  confirm goes to the next one: failover (and back), or round-robin.
 
 RUN
   python sync_waf_to_syslog.py              run until SIGTERM / SIGINT (Ctrl-C), then exit 0
-  python sync_waf_to_syslog.py --check      check settings, SLS access and the syslog connection
+  python sync_waf_to_syslog.py --check      check settings, SLS access and every syslog collector
   python sync_waf_to_syslog.py --dry-run    print the messages that would be sent next; send nothing
   Settings come from the environment, or from a `.env` file beside this script (or --env-file);
   a variable set in the real environment wins over the file.
@@ -89,7 +90,14 @@ SETTINGS: SLS credentials (one source: an AccessKey, or the ECS instance's RAM r
                                                           default derived from SLS_ENDPOINT
 
 SETTINGS: syslog
-  SYSLOG_HOST             syslog server host name or IP                                   (required)
+  SYSLOG_HOST             syslog server host name or IP, or several collectors as a comma list of
+                          host, host:port or [IPv6]:port (no port: SYSLOG_PORT), e.g.
+                          siem-a,siem-b:1514; a list needs tcp, tls, relp or relp+tls   (required)
+  SYSLOG_BALANCE          with several collectors: failover (everything to the first healthy one in
+                          list order) or round-robin (batches take turns over the healthy ones)
+                                                                                  default failover
+  SYSLOG_FAILBACK_AFTER   seconds a failed collector must stay reachable (probed in the background)
+                          before it takes traffic again                                 default 60
   SYSLOG_PROTOCOL         udp | tcp | tls | relp | relp+tls                            default tcp
                           relp: rsyslog's Reliable Event Logging Protocol (imrelp), where the
                           server acknowledges every message; relp+tls: RELP inside TLS, with the
@@ -175,6 +183,7 @@ import fcntl
 import fnmatch
 import functools
 import http.client
+import ipaddress
 import itertools
 import json
 import logging
@@ -341,7 +350,7 @@ class Settings:
     sls_topics: frozenset          # empty = every topic
     sls_query: str                 # an SPL statement, or ""
     sls_consume_processor: str     # a consume processor's name, or ""
-    syslog_host: str
+    syslog_host: str               # as given; syslog_targets(settings) is its list of targets
     syslog_port: int
     syslog_protocol: str
     syslog_format: str
@@ -361,6 +370,8 @@ class Settings:
     syslog_timeout: float
     syslog_retry_max_delay: float
     syslog_relp_window: int
+    syslog_balance: str            # failover | round-robin (several targets in SYSLOG_HOST)
+    syslog_failback_after: float
     syslog_max_eps: int            # 0 = no ceiling
     syslog_cert_path: str          # CA bundle for the server certificate; "" = the system's
     syslog_client_cert: str
@@ -391,6 +402,69 @@ def tls_context(settings):
     if settings.syslog_client_cert:
         context.load_cert_chain(settings.syslog_client_cert, settings.syslog_client_key)
     return context
+
+
+class SyslogTarget(collections.namedtuple("SyslogTarget", "host port")):
+    """One syslog collector of SYSLOG_HOST: a host name or IP address and a port."""
+    __slots__ = ()
+
+    def __str__(self):
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_targets(text, default_port):
+    """The targets of SYSLOG_HOST, in order: a comma-separated list of host, host:port or
+    [IPv6]:port (a bare IPv6 address is a host without a port; default_port fills a missing
+    port). Raises ValueError saying what is wrong with the first bad item."""
+    targets = []
+    for item in (item.strip() for item in text.split(",")):
+        if not item:
+            raise ValueError(f"{text.strip()!r} has an empty item (two commas, or one at an end)")
+        target = _parse_target(item, default_port)
+        if target in targets:
+            raise ValueError(f"{target} is listed twice")
+        targets.append(target)
+    return tuple(targets)
+
+
+def _parse_target(item, default_port):
+    if item.startswith("["):
+        host, closed, rest = item[1:].partition("]")
+        if not closed:
+            raise ValueError(f"{item!r}: the [ of an IPv6 address is not closed by ]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{item!r}: only :port may follow [IPv6 address]")
+        port = rest[1:] if rest else None
+        if not _is_ipv6(host):
+            raise ValueError(f"{item!r}: {host!r} is not an IPv6 address")
+    elif item.count(":") > 1:  # an IPv6 address without brackets cannot carry a port
+        if not _is_ipv6(item):
+            raise ValueError(f"{item!r} is neither host:port nor an IPv6 address ([address]:port)")
+        host, port = item, None
+    else:
+        host, colon, port = item.partition(":")
+        port = port if colon else None
+        if not re.fullmatch(r"[^\s\[\]]+", host):
+            raise ValueError(f"{item!r}: {host!r} is not a host name or IP address")
+    if port is None:
+        return SyslogTarget(host, default_port)
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{item!r}: {port!r} is not a port number (1..65535)")
+    return SyslogTarget(host, int(port))
+
+
+def _is_ipv6(text):
+    try:
+        ipaddress.IPv6Address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def syslog_targets(settings):
+    """The targets of settings.syslog_host (which keeps SYSLOG_HOST as given), checked when the
+    settings were read."""
+    return parse_targets(settings.syslog_host, settings.syslog_port)
 
 
 def default_hostname():
@@ -620,9 +694,27 @@ class _SettingsReader:
             self.problems.append(f"SYSLOG_FIELDS_RENAME: more than one field is renamed to {new!r}")
         return include, exclude, tuple(rename)
 
+    def syslog_host(self, protocol, default_port):
+        """SYSLOG_HOST as given, once parse_targets accepts it; UDP takes one target only: it
+        cannot tell a working collector from a dead one (see README.md, "Several collectors")."""
+        text = self.required("SYSLOG_HOST")
+        if not text:
+            return text
+        try:
+            targets = parse_targets(text, default_port)
+        except ValueError as exc:
+            self.problems.append(f"SYSLOG_HOST: {exc}")
+            return text
+        if len(targets) > 1 and protocol == "udp":
+            self.problems.append("SYSLOG_HOST: a list of collectors needs SYSLOG_PROTOCOL tcp, tls, "
+                                 "relp or relp+tls; over udp nothing tells a dead collector from a "
+                                 "working one, so failover would lose logs silently")
+        return text
+
     def read(self):
         sls_cg = self.text("SLS_CG", "WAF-SLS")
         protocol = self.choice("SYSLOG_PROTOCOL", "tcp", set(DEFAULT_PORTS))
+        port = self.number("SYSLOG_PORT", DEFAULT_PORTS[protocol], 1, 65535)
         syslog_format = self.choice("SYSLOG_FORMAT", "rfc5424", {"rfc5424", "rfc3164"})
         separator = self.env.get("SYSLOG_SEP", ",")  # not stripped: " " and TAB are separators
         if separator == "" or not set(separator) <= SEPARATOR_CHARS:
@@ -662,8 +754,8 @@ class _SettingsReader:
             sls_topics=frozenset(self.name_list("SLS_TOPICS")),
             sls_query=self.text("SLS_QUERY"),
             sls_consume_processor=self.consume_processor(),
-            syslog_host=self.required("SYSLOG_HOST"),
-            syslog_port=self.number("SYSLOG_PORT", DEFAULT_PORTS[protocol], 1, 65535),
+            syslog_host=self.syslog_host(protocol, port),
+            syslog_port=port,
             syslog_protocol=protocol,
             syslog_format=syslog_format,
             syslog_framing=self.choice("SYSLOG_FRAMING", "octet-counting", {"octet-counting", "lf"}),
@@ -683,6 +775,8 @@ class _SettingsReader:
             syslog_timeout=self.number("SYSLOG_TIMEOUT", 120.0, 1, 86400, float),
             syslog_retry_max_delay=self.number("SYSLOG_RETRY_MAX_DELAY", 30.0, 0.1, 3600, float),
             syslog_relp_window=self.number("SYSLOG_RELP_WINDOW", 128, 1, 100000),
+            syslog_balance=self.choice("SYSLOG_BALANCE", "failover", {"failover", "round-robin"}),
+            syslog_failback_after=self.number("SYSLOG_FAILBACK_AFTER", 60.0, 0, 86400, float),
             syslog_max_eps=self.number("SYSLOG_MAX_EPS", 0, 0, 10_000_000),
             syslog_cert_path=self.readable_file("SYSLOG_CERT_PATH"),
             syslog_client_cert=client_cert,
@@ -1610,8 +1704,8 @@ class UdpTransport:
 
     unread_messages = 0  # nothing to send again first (see TcpTransport)
 
-    def __init__(self, settings):
-        self.address = (settings.syslog_host, settings.syslog_port)
+    def __init__(self, settings, target=None):
+        self.address = target or syslog_targets(settings)[0]
         self.sock = None
 
     def connect(self, stop):
@@ -1641,15 +1735,19 @@ class TcpTransport:
     stops reading first) or stalls drops what it had not read yet. So when a connection breaks
     other than by the server closing it after reading everything, what it confirmed in the last
     RESEND_WINDOW seconds (at most RESEND_LIMIT bytes) goes out again before the next batch: a
-    duplicate at worst."""
+    duplicate at worst. If that batch goes to another collector (Delivery), that collector's
+    transport takes it over (adopt_unread).
+
+    Every transport talks to one target (host, port): the first of SYSLOG_HOST unless given; its
+    name is resolved again at every connect, and each of its addresses is tried in turn."""
 
     POLL = 0.5  # seconds between checks of the stop flag while blocked
     CONNECT_TIMEOUT = 10  # a connect or TLS handshake cannot watch the stop flag: keep it short
     RESEND_WINDOW = 1.0
     RESEND_LIMIT = 4 << 20  # about the most a Linux receive buffer holds unread
 
-    def __init__(self, settings):
-        self.address = (settings.syslog_host, settings.syslog_port)
+    def __init__(self, settings, target=None):
+        self.address = target or syslog_targets(settings)[0]
         self.timeout = settings.syslog_timeout
         self.octet_counting = settings.syslog_framing == "octet-counting"
         self.sock = None
@@ -1688,6 +1786,12 @@ class TcpTransport:
             raise
         self.remember(data, len(messages) + self.unread_messages)
         self.unread, self.unread_messages = b"", 0
+
+    def adopt_unread(self, other):
+        """Send first, with the next batch, what a broken connection of another target's
+        transport may have left unread (the same framing: one SYSLOG_FRAMING for all)."""
+        self.unread, self.unread_messages = self.unread + other.unread, self.unread_messages + other.unread_messages
+        other.unread, other.unread_messages = b"", 0
 
     def remember(self, data, messages):
         """Keep what was just confirmed, and of the rest only the last RESEND_WINDOW seconds, at
@@ -1763,13 +1867,14 @@ class TcpTransport:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self.confirmed.clear()  # closed by us, so read by the server: a next connection starts afresh
 
 
 class TlsTransport(TcpTransport):
     """RFC 5425: the TCP transport inside TLS (SNI and host-name check on; close_notify on close)."""
 
-    def __init__(self, settings):
-        super().__init__(settings)
+    def __init__(self, settings, target=None):
+        super().__init__(settings, target)
         self.context = tls_context(settings)
 
     def open_socket(self):
@@ -1852,8 +1957,8 @@ class RelpTransport(TcpTransport):
 
     CLOSE_TIMEOUT = 1.0  # seconds to wait for the answer to `close`
 
-    def __init__(self, settings):
-        super().__init__(settings)
+    def __init__(self, settings, target=None):
+        super().__init__(settings, target)
         self.window = settings.syslog_relp_window
         self.txnr = 0
         self.received = bytearray()  # bytes from the server not yet parsed into frames
@@ -1975,6 +2080,11 @@ TRANSPORTS = {"udp": UdpTransport, "tcp": TcpTransport, "tls": TlsTransport,
               "relp": RelpTransport, "relp+tls": RelpTlsTransport}
 
 
+def transport_for(settings, target):
+    """A new transport of SYSLOG_PROTOCOL to one target."""
+    return TRANSPORTS[settings.syslog_protocol](settings, target)
+
+
 class EventsPerSecond:
     """SYSLOG_MAX_EPS: a token bucket of at most BURST_SECONDS' worth of messages, refilled at the
     ceiling, shared by every process of this host that sends to the same syslog server (--workers,
@@ -2041,68 +2151,241 @@ class EventsPerSecond:
         return self.fd
 
 
-class Delivery:
-    """Sends batches through one transport, shared by all shards of this process.
+def retry_delay(attempts, settings):
+    """Seconds to wait after `attempts` failures in a row: capped exponential backoff with jitter."""
+    return min(settings.syslog_retry_max_delay, 0.5 * 2 ** min(attempts, 16)) * random.uniform(0.5, 1.0)
 
-    A failed send closes the connection, waits (capped exponential backoff with jitter), reconnects
-    and sends the whole batch again, for as long as it takes: the shard waits meanwhile, so nothing
-    is skipped. Only a stop request abandons a batch, which then stays unacknowledged in SLS."""
 
-    def __init__(self, settings, transport, stop, stats):
-        self.settings = settings
+class PoolMember:
+    """A target of the TargetPool with its own transport (so its own connection, and its own record
+    of what that connection confirmed), and whether it takes batches."""
+
+    def __init__(self, target, transport):
+        self.target = target
         self.transport = transport
+        self.connected = False     # the transport's connection is open (Delivery's lock guards it)
+        self.in_service = True     # takes batches
+        self.healthy_since = None  # out of service: when its current run of good probes began
+        self.failed_probes = 0     # out of service: probes failed in a row
+        self.next_probe = 0.0      # out of service: time.monotonic() of its next probe
+
+
+class TargetPool:
+    """The syslog targets of SYSLOG_HOST, and which of them take batches (SYSLOG_BALANCE).
+
+    Targets in service take the batches: with failover the first of them in list order, with
+    round-robin each in turn. A target whose send fails leaves service. While another one serves,
+    a background thread probes it (a connect, with the TLS handshake or the RELP session, then a
+    close) with backoff, and it serves again once its probes have succeeded for
+    SYSLOG_FAILBACK_AFTER seconds without a failure in between: with failover, traffic then
+    returns to it if it comes first. When no target is in service, Delivery tries each in turn,
+    in list order from the one after the target that failed last, and the first to take a batch
+    serves again at once. With one target all this is what Delivery always did: retry it.
+    Every change of service is logged in one line (with several targets)."""
+
+    PROBE_TICK = 0.25  # seconds between looks for a probe that is due
+
+    def __init__(self, settings, stop):
+        self.settings = settings
+        self.stop = stop
+        self.members = [PoolMember(target, transport_for(settings, target))
+                        for target in syslog_targets(settings)]
+        self.several = len(self.members) > 1
+        self.round_robin = settings.syslog_balance == "round-robin"
+        self.lock = threading.RLock()
+        self.turn = 0          # round-robin: batches handed out so far
+        self.retry_turn = 0    # none in service: the next target to try (an index, modulo their number)
+        self.prober = None     # the thread probing targets out of service, from the first failure
+
+    def serving(self):
+        with self.lock:
+            return [member for member in self.members if member.in_service]
+
+    def choose(self):
+        """The target for the next batch."""
+        with self.lock:
+            serving = self.serving()
+            if not serving:
+                member = self.members[self.retry_turn % len(self.members)]
+                self.retry_turn += 1
+                return member
+            if not self.round_robin:
+                return serving[0]
+            member = serving[self.turn % len(serving)]
+            self.turn += 1
+            return member
+
+    def served(self, member):
+        """member took a batch: one out of service (none was in service) serves again at once."""
+        with self.lock:
+            if not member.in_service:
+                self.return_to_service(member, "it took a batch")
+
+    def failed(self, member):
+        """A send to member failed: it leaves service and is probed in the background."""
+        with self.lock:
+            if not member.in_service:
+                return
+            member.in_service, member.healthy_since, member.failed_probes = False, None, 1
+            member.next_probe = time.monotonic() + retry_delay(1, self.settings)
+            self.retry_turn = self.members.index(member) + 1
+            if self.several:
+                log.warning("syslog target %s is out of service; %s", member.target, self.plan())
+                if self.prober is None:
+                    self.prober = threading.Thread(target=self.probe_out_of_service, name="syslog-probe",
+                                                   daemon=True)
+                    self.prober.start()
+
+    def return_to_service(self, member, why):
+        member.in_service, member.healthy_since, member.failed_probes = True, None, 0
+        if self.several:
+            log.info("syslog target %s is back in service (%s); %s", member.target, why, self.plan())
+
+    def plan(self):
+        """Where batches go now, for the log."""
+        serving = self.serving()
+        if not serving:
+            return "no target is in service: trying each in turn, nothing is skipped"
+        if not self.round_robin or len(serving) == 1:
+            return f"sending to {serving[0].target}"
+        return f"sending to {', '.join(str(member.target) for member in serving)} in turn"
+
+    def active(self):
+        """The targets taking batches, for the statistics line; None with one target."""
+        if not self.several:
+            return None
+        active = [str(member.target) for member in self.serving()]
+        return ",".join(active if self.round_robin else active[:1]) or "none"
+
+    def probe_out_of_service(self):
+        """The prober thread: probes every target out of service when due, while another one
+        serves (when none does, Delivery tries them all itself)."""
+        while not self.stop.wait(self.PROBE_TICK):
+            with self.lock:
+                now = time.monotonic()
+                due = [member for member in self.members if not member.in_service
+                       and now >= member.next_probe] if self.serving() else []
+            for member in due:
+                self.probe(member)
+
+    def probe(self, member):
+        """Connect to member's target on a transport of its own, close again, and return it to
+        service once its probes have succeeded for SYSLOG_FAILBACK_AFTER seconds in a row."""
+        transport = transport_for(self.settings, member.target)
+        try:
+            transport.connect(self.stop)
+            error = None
+        except StopRequested:
+            return
+        except (OSError, ssl.SSLError) as exc:
+            error = exc
+        finally:
+            transport.close()
+        s = self.settings
+        with self.lock:
+            now = time.monotonic()
+            if member.in_service:  # Delivery found it working meanwhile
+                return
+            if error is not None:
+                log.debug("probe of syslog target %s failed: %s", member.target, describe_error(error))
+                member.healthy_since = None
+                member.failed_probes += 1
+                member.next_probe = now + retry_delay(member.failed_probes, s)
+                return
+            if member.healthy_since is None:
+                member.healthy_since = now
+            healthy_for = now - member.healthy_since
+            if healthy_for >= s.syslog_failback_after:
+                self.return_to_service(member, f"reachable for {healthy_for:.0f} s")
+            else:
+                member.next_probe = now + min(s.syslog_retry_max_delay, s.syslog_failback_after - healthy_for)
+
+
+class Delivery:
+    """Sends batches to the syslog targets (TargetPool), shared by all shards of this process.
+
+    A failed send closes that target's connection, and the whole batch is sent again: at once to
+    the next target in service if there is one; when none is left, to each target in turn with a
+    pause (capped exponential backoff with jitter) after each round, for as long as it takes: the
+    shard waits meanwhile, so nothing is skipped. With one target: reconnect after a pause and
+    send again. Only a stop request abandons a batch, which then stays unacknowledged in SLS.
+    With failover only the target in use keeps a connection; with round-robin every target in
+    service keeps one."""
+
+    def __init__(self, settings, stop, stats):
+        self.settings = settings
+        self.pool = TargetPool(settings, stop)
         self.stop = stop
         self.stats = stats
         self.lock = threading.Lock()
-        self.connected = False
         self.warned = RateLimiter(60)
 
     def deliver(self, messages):
-        """True once the transport accepted every message; False if the program is stopping."""
+        """True once a target accepted every message; False if the program is stopping."""
         s = self.settings
         with self.lock:
-            failures, since = 0, time.monotonic()
+            failures, unpaused, pauses, since = 0, 0, 0, time.monotonic()
             while not self.stop.is_set():
+                member = self.pool.choose()
                 try:
-                    if not self.connected:
-                        self.transport.connect(self.stop)
-                        self.connected = True
-                    # Counted as sent again: this batch after a failure, and what TcpTransport
-                    # sends again first because a broken connection may have left it unread.
-                    repeated = (len(messages) if failures else 0) + self.transport.unread_messages
-                    if repeated:
-                        self.stats.add(resent=repeated)
-                    self.transport.send(messages, self.stop)
-                    if failures:
-                        log.info("syslog server %s:%d accepted the batch again after %d failed "
-                                 "attempts in %.0f s", s.syslog_host, s.syslog_port, failures,
-                                 time.monotonic() - since)
-                    return True
+                    self.send(member, messages, failures)
                 except StopRequested:
                     break
                 except (OSError, ssl.SSLError) as exc:
                     failures += 1
+                    unpaused += 1
                     self.stats.add(send_errors=1)
-                    self.disconnect()
+                    self.disconnect(member)
                     # One line when an outage starts, then one a minute while it lasts.
                     if failures == 1 or self.warned.ready("send"):
-                        log.warning("cannot send %d messages to %s:%d over %s (%d failed attempts "
-                                    "so far): %s; retrying, nothing is skipped", len(messages),
-                                    s.syslog_host, s.syslog_port, s.syslog_protocol, failures,
-                                    describe_error(exc))
-                    delay = min(s.syslog_retry_max_delay, 0.5 * 2 ** min(failures, 16))
-                    self.stop.wait(delay * random.uniform(0.5, 1.0))
-            self.disconnect()
+                        log.warning("cannot send %d messages to %s over %s (%d failed attempts so "
+                                    "far): %s; retrying, nothing is skipped", len(messages),
+                                    member.target, s.syslog_protocol, failures, describe_error(exc))
+                    self.pool.failed(member)
+                    if not self.pool.serving() and unpaused >= len(self.pool.members):
+                        unpaused, pauses = 0, pauses + 1
+                        self.stop.wait(retry_delay(pauses, s))
+                    continue
+                self.pool.served(member)
+                if failures:
+                    log.info("syslog server %s accepted the batch again after %d failed attempts "
+                             "in %.0f s", member.target, failures, time.monotonic() - since)
+                return True
+            self.disconnect_all()
             return False
 
-    def disconnect(self):
-        if self.connected:
-            self.transport.close()
-        self.connected = False
+    def send(self, member, messages, failures):
+        """Send the batch to one target, after what broken connections to any target may have left
+        unread; with failover, close the connection to any other target first."""
+        if not self.pool.round_robin:
+            for other in self.pool.members:
+                if other is not member:
+                    self.disconnect(other)
+        if not member.connected:
+            member.transport.connect(self.stop)
+            member.connected = True
+        for other in self.pool.members:  # never with UDP: it takes one target only
+            if other is not member and not other.connected:
+                member.transport.adopt_unread(other.transport)
+        # Counted as sent again: this batch after a failure, and what TcpTransport sends again
+        # first because a broken connection may have left it unread.
+        repeated = (len(messages) if failures else 0) + member.transport.unread_messages
+        if repeated:
+            self.stats.add(resent=repeated)
+        member.transport.send(messages, self.stop)
+
+    def disconnect(self, member):
+        if member.connected:
+            member.transport.close()
+        member.connected = False
+
+    def disconnect_all(self):
+        for member in self.pool.members:
+            self.disconnect(member)
 
     def close(self):
         with self.lock:
-            self.disconnect()
+            self.disconnect_all()
 
 
 # ================================================================================================
@@ -2487,7 +2770,8 @@ class Stats:
             self.totals["bytes"] += sum(map(len, messages))
             self.newest[shard] = max(newest, self.newest.get(shard, 0))
 
-    def line(self):
+    def line(self, active=None):
+        """The statistics line; `active`: the syslog targets taking batches (several targets)."""
         with self.lock:
             now = time.monotonic()
             elapsed = max(now - self.since, 1e-9)
@@ -2497,7 +2781,8 @@ class Stats:
             t = self.totals
             return (f"stats: {rate['logs']:.0f} logs/s, {rate['bytes']:.0f} bytes/s, total {t['logs']} logs, "
                     f"lag {lag or '-'}, send errors {t['send_errors']}, resent {t['resent']}, "
-                    f"truncated {t['truncated']}, filtered {t['filtered']}, filtered by SLS {t['filtered_by_sls']}")
+                    f"truncated {t['truncated']}, filtered {t['filtered']}, filtered by SLS {t['filtered_by_sls']}"
+                    + (f", active {active}" if active else ""))
 
 
 Pull = collections.namedtuple("Pull", "groups filtered_by_sls")
@@ -2587,9 +2872,12 @@ class Forwarder:
         self.stats = Stats()
         self.budget = FetchBudget(settings)
         self.encoder = MessageEncoder(settings)
-        self.delivery = Delivery(settings, TRANSPORTS[settings.syslog_protocol](settings), stop, self.stats)
+        self.delivery = Delivery(settings, stop, self.stats)
         self.ceiling = EventsPerSecond(settings) if settings.syslog_max_eps else None
         self.trackers = {}  # shard -> checkpoint tracker of its processor
+
+    def stats_line(self):
+        return self.stats.line(self.delivery.pool.active())
 
     def send(self, messages):
         """Deliver a batch (under SYSLOG_MAX_EPS, in pieces as the ceiling lets them go); False if
@@ -2995,9 +3283,10 @@ def run(settings):
                   settings.sls_project, settings.sls_logstore, credentials.describe(), exc)
         return EXIT_FAILURE
     log.info("*** start to consume data...")
-    log.info("consumer %s of group %s on %s/%s -> %s %s:%d", settings.sls_consumer_name,
-             settings.sls_cg, settings.sls_project, settings.sls_logstore,
-             settings.syslog_protocol, settings.syslog_host, settings.syslog_port)
+    targets = syslog_targets(settings)
+    log.info("consumer %s of group %s on %s/%s -> %s %s%s", settings.sls_consumer_name,
+             settings.sls_cg, settings.sls_project, settings.sls_logstore, settings.syslog_protocol,
+             ",".join(map(str, targets)), f" ({settings.syslog_balance})" if len(targets) > 1 else "")
     worker.start()
     threading.Thread(target=forwarder.flush_checkpoints, name="checkpoints", daemon=True).start()
     status = supervise(settings, worker, forwarder, stop)
@@ -3013,7 +3302,7 @@ def run(settings):
     if not client.save_unsaved():
         log.error("some checkpoints could not be saved in SLS; their logs will be sent again next time")
     if settings.sync_stats_interval:
-        log.info(forwarder.stats.line())
+        log.info(forwarder.stats_line())
     log.info("stopped")
     return status
 
@@ -3050,7 +3339,7 @@ def supervise(settings, worker, forwarder, stop):
             log.error("%s; exiting", credentials.failure)
             return EXIT_FAILURE
         if now >= next_stats:
-            log.info(forwarder.stats.line())
+            log.info(forwarder.stats_line())
             next_stats += settings.sync_stats_interval
     return EXIT_OK
 
@@ -3123,16 +3412,17 @@ def check(settings):
             return EXIT_BAD_SETTINGS
         results.append((True, f"credentials: {credentials.describe()}; {credentials.expiry()}"))
         results.append(check_sls(settings, client))
-    transport = TRANSPORTS[settings.syslog_protocol](settings)
-    target = f"syslog {settings.syslog_protocol}://{settings.syslog_host}:{settings.syslog_port}"
-    try:
-        transport.connect(threading.Event())
-        results.append((True, f"{target}: connected" + (" (TLS handshake and certificate verified)"
-                                                        if settings.syslog_protocol in TLS_PROTOCOLS else "")))
-    except (OSError, ssl.SSLError) as exc:
-        results.append((False, f"{target}: {describe_error(exc)}"))
-    finally:
-        transport.close()
+    for target in syslog_targets(settings):  # each one: a collector may be down while others serve
+        transport = transport_for(settings, target)
+        name = f"syslog {settings.syslog_protocol}://{target}"
+        try:
+            transport.connect(threading.Event())
+            results.append((True, f"{name}: connected" + (" (TLS handshake and certificate verified)"
+                                                          if settings.syslog_protocol in TLS_PROTOCOLS else "")))
+        except (OSError, ssl.SSLError) as exc:
+            results.append((False, f"{name}: {describe_error(exc)}"))
+        finally:
+            transport.close()
     for ok, text in results:
         print(f"{'OK  ' if ok else 'FAIL'} {text}", flush=True)
     return EXIT_OK if all(ok for ok, _ in results) else EXIT_FAILURE
@@ -3298,7 +3588,7 @@ def parse_arguments(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true",
-                      help="check the settings, SLS access and the syslog connection, then exit")
+                      help="check the settings, SLS access and every syslog collector, then exit")
     mode.add_argument("--dry-run", action="store_true",
                       help="print the messages that would be sent next to stdout; send and save nothing")
     parser.add_argument("--env-file", metavar="PATH",

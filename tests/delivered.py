@@ -1,5 +1,6 @@
 """What reached a syslog peer: waiting for every log and accounting for loss and duplicates."""
 import datetime
+import re
 
 from tests.kv import parse_kv
 from tests.polling import poll
@@ -40,3 +41,21 @@ def assert_delivered_exactly(records, logs, hostname, separator=","):
         assert fields == expected_fields(entry)
         assert record["hostname"] == hostname
         assert datetime.datetime.fromisoformat(record["timestamp"]).timestamp() == int(entry["__time__"])
+
+
+def final_stats(forwarder):
+    """(send errors, messages resent) from the forwarder's statistics line at exit."""
+    match = re.search(r"send errors (\d+), resent (\d+)", forwarder.stderr())
+    assert match, f"no statistics line in the forwarder's log:\n{forwarder.stderr()[-2000:]}"
+    return int(match.group(1)), int(match.group(2))
+
+
+def account(fault, sent_ids, messages, forwarder):
+    """Loss accounting for one fault: print the table row and return the loss_report."""
+    report = loss_report(sent_ids, messages)
+    send_errors, resent = final_stats(forwarder)
+    report.update(send_errors=send_errors, resent=resent)
+    print(f"\nFAULT {fault}: sent={report['sent']} received={report['received']} "
+          f"lost={report['lost']} duplicates={report['duplicates']} "
+          f"send_errors={send_errors} resent={resent} lost_ids={report['lost_ids']}")
+    return report

@@ -1,6 +1,7 @@
 """Changes made to the forwarder in a test's subprocess (tests/forwarder_process.py's with_fault):
 each takes the forwarder module and the test's arguments."""
 import os
+import socket
 import ssl
 import threading
 
@@ -37,3 +38,17 @@ def failing_encoder(fwd, failures):
 def sdk_without(fwd, class_name, method):
     """An SDK whose class_name.method no longer does what the forwarder relies on."""
     setattr(getattr(fwd, class_name), method, lambda self, *args, **kwargs: None)
+
+
+def resolver(fwd, name, addresses):
+    """`name` resolves to these IPv4 addresses, in this order, as a DNS answer with several A records
+    would (other names resolve as usual)."""
+    resolve = socket.getaddrinfo
+
+    def answer(host, port, family=0, type=0, proto=0, flags=0):
+        if host != name:
+            return resolve(host, port, family, type, proto, flags)
+        return [(socket.AF_INET, type or socket.SOCK_STREAM, proto, "", (address, int(port)))
+                for address in addresses]
+
+    socket.getaddrinfo = answer

@@ -11,13 +11,12 @@ and asserts what the protocol can guarantee: 0 lost wherever TCP acknowledgement
 where they cannot (a reset with unread data, kill -9 of rsyslogd, UDP) it asserts that the
 forwarder survives, reconnects and finishes, and only reports the loss.
 """
-import re
 import time
 
 import pytest
 
 from tests.checkpoints import assignments, checkpoints_at_end, checkpoints_not_moved, group_state
-from tests.delivered import wait_delivered
+from tests.delivered import account, wait_delivered
 from tests.forwarder_process import ForwarderProcess, forwarder_env, with_fault
 from tests.rsyslog_peer import Rsyslog
 from tests.syslog_receiver import SyslogReceiver, loss_report
@@ -55,24 +54,6 @@ def receiver_env(emulator, receiver, **settings):
 def rsyslog_messages(peer):
     """What rsyslogd wrote, as messages for loss_report."""
     return [record["msg"].encode("utf-8", "surrogateescape") for record in peer.records()]
-
-
-def final_stats(forwarder):
-    """(send errors, messages resent) from the forwarder's statistics line at exit."""
-    match = re.search(r"send errors (\d+), resent (\d+)", forwarder.stderr())
-    assert match, f"no statistics line in the forwarder's log:\n{forwarder.stderr()[-2000:]}"
-    return int(match.group(1)), int(match.group(2))
-
-
-def account(fault, sent_ids, messages, forwarder):
-    """Loss accounting for one fault: print the table row and return the loss_report."""
-    report = loss_report(sent_ids, messages)
-    send_errors, resent = final_stats(forwarder)
-    report.update(send_errors=send_errors, resent=resent)
-    print(f"\nFAULT {fault}: sent={report['sent']} received={report['received']} "
-          f"lost={report['lost']} duplicates={report['duplicates']} "
-          f"send_errors={send_errors} resent={resent} lost_ids={report['lost_ids']}")
-    return report
 
 
 def stop_cleanly(forwarder, timeout=30):

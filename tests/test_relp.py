@@ -5,7 +5,6 @@ TLS; and the fault test - rsyslogd killed with SIGKILL three times mid-stream an
 with no log lost, where the same run over plain TCP cannot confirm what sat in rsyslogd's socket
 buffer. A small scripted RELP server covers what rsyslogd does not do on demand: refuse a message,
 send `serverclose`, withhold its answers."""
-import json
 import re
 import socket
 import subprocess
@@ -180,7 +179,7 @@ def connected(server, **env):
 
 def delivery(server, stop, **env):
     settings = relp_settings(SYSLOG_PORT=server.port, **env)
-    return fwd.Delivery(settings, fwd.RelpTransport(settings), stop, fwd.Stats())
+    return fwd.Delivery(settings, stop, fwd.Stats())
 
 
 def test_open_offers_and_close_as_the_spec_says():
@@ -375,17 +374,6 @@ def test_the_fault_test_peer_writes_each_message_before_acknowledging_it(tmp_pat
     assert not_yet_written == 0
 
 
-def read_messages(peer):
-    """msg of every record in the peer's output; a line cut by SIGKILL counts as no message."""
-    found = []
-    for line in output(peer).split(b"\n"):
-        try:
-            found.append(json.loads(line.decode("utf-8", "surrogateescape"))["msg"])
-        except ValueError:
-            continue
-    return [msg.encode("utf-8", "surrogateescape") for msg in found]
-
-
 KILLS = 3
 
 
@@ -437,7 +425,7 @@ def kill_three_times_mid_stream(protocol, make_emulator, tmp_path):
                     time.sleep(0.002)
                 peer.kill()
                 kills_at.append(written.lines)
-                received_at_kill = loss_report(ids_sent, read_messages(peer))["unique"]
+                received_at_kill = loss_report(ids_sent, peer.messages())["unique"]
                 assert received_at_kill < len(logs), "the stream was over before the kill"
                 peer.start()
             # Wait until the forwarder has fetched every log and sent every batch ...
@@ -447,11 +435,11 @@ def kill_three_times_mid_stream(protocol, make_emulator, tmp_path):
                 time.sleep(0.1)
             assert forwarder.stop() == 0, forwarder.stderr()[-2000:]
         # ... and until rsyslogd has written what it read (nothing new for a second).
-        received, settled_at = read_messages(peer), time.monotonic()
+        received, settled_at = peer.messages(), time.monotonic()
         while time.monotonic() - settled_at < 1:
             time.sleep(0.1)
-            if len(read_messages(peer)) != len(received):
-                received, settled_at = read_messages(peer), time.monotonic()
+            if len(peer.messages()) != len(received):
+                received, settled_at = peer.messages(), time.monotonic()
     report = loss_report(ids_sent, received)
     print(f"\n{protocol}: rsyslogd killed -9 after {', '.join(map(str, kills_at))} lines: "
           f"sent {report['sent']}, received {report['received']}, lost {report['lost']}, "
