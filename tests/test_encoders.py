@@ -310,12 +310,11 @@ def pull_response(raw):
                                  "x-log-cursor": "MTA="})
 
 
-def test_the_processor_reads_the_pull_body_without_the_sdks_parse():
+def test_a_pull_body_is_read_without_the_sdks_parse():
     raw = pull_body(realistic_logs(3))
     forwarder = fwd.Forwarder(make_settings(), stop=None)
-    processor = fwd.WafLogProcessor(forwarder)
     response = pull_response(raw)
-    groups = processor._preprocessor(response)
+    groups = fwd.read_pull(response)  # as ResilientConsumerClient.pull_logs reads every pull
     assert response._raw_uncompressed_body is raw  # the SDK did not parse it (it drops the body when it does)
     expected = forwarder.encoder.encode(groups)[0]
     assert len(expected) == 3
