@@ -37,3 +37,11 @@ def failing_encoder(fwd, failures):
 def sdk_without(fwd, class_name, method):
     """An SDK whose class_name.method no longer does what the forwarder relies on."""
     setattr(getattr(fwd, class_name), method, lambda self, *args, **kwargs: None)
+
+
+def endless_encoding(fwd):
+    """Encoding a batch never ends, as with a log that makes the encoder work for ever."""
+    def endless(self, groups):
+        threading.Event().wait()
+
+    fwd.MessageEncoder.encode = endless
