@@ -2,6 +2,7 @@
 SYNC_STOP_TIMEOUT even while a batch never finishes, and says so; --workers kills a worker that
 does not stop; a worker whose supervisor died stops although its pulls hang. A batch that takes
 long is reported while it lasts."""
+import contextlib
 import os
 import signal
 
@@ -30,15 +31,23 @@ def running(pid):
         return False
 
 
-def kill_leftovers(pids):
-    for pid in pids:
-        if running(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
-def both_workers_hold_shards(emulator):
-    held = assignments(emulator)
-    return len(held) == 2 and all(held.values())
+@contextlib.contextmanager
+def two_workers(make_emulator, tmp_path):
+    """(emulator, supervisor, worker pids) of a running --workers 2 whose workers both hold
+    shards, with SYNC_STOP_TIMEOUT=1; a worker still running at the end is killed."""
+    emulator = make_emulator(shards=2)
+    with SyslogReceiver("tcp") as receiver:
+        env = forwarder_env(emulator, port=receiver.port, SYNC_STOP_TIMEOUT="1")
+        with ForwarderProcess(env, tmp_path, ["--workers", "2"]) as supervisor:
+            wait_until(lambda: len(assignments(emulator)) == 2 and all(assignments(emulator).values()),
+                       "both workers to hold shards", 30)
+            workers = child_pids(supervisor.process.pid)
+            try:
+                yield emulator, supervisor, workers
+            finally:
+                for pid in workers:
+                    if running(pid):
+                        os.kill(pid, signal.SIGKILL)
 
 
 def test_sigterm_ends_a_batch_that_never_finishes_within_the_stop_timeout(make_emulator, tmp_path):
@@ -55,35 +64,18 @@ def test_sigterm_ends_a_batch_that_never_finishes_within_the_stop_timeout(make_e
 
 
 def test_the_supervisor_kills_a_worker_that_does_not_stop(make_emulator, tmp_path):
-    emulator = make_emulator(shards=2)
-    with SyslogReceiver("tcp") as receiver:
-        env = forwarder_env(emulator, port=receiver.port, SYNC_STOP_TIMEOUT="1")
-        with ForwarderProcess(env, tmp_path, ["--workers", "2"]) as supervisor:
-            wait_until(lambda: both_workers_hold_shards(emulator), "both workers to hold shards", 30)
-            workers = child_pids(supervisor.process.pid)
-            try:
-                os.kill(workers[0], signal.SIGSTOP)  # it cannot act on the SIGTERM to come
-                assert supervisor.stop(timeout=30) == 1
-                assert not [pid for pid in workers if running(pid)]
-            finally:
-                kill_leftovers(workers)
+    with two_workers(make_emulator, tmp_path) as (_, supervisor, workers):
+        os.kill(workers[0], signal.SIGSTOP)  # it cannot act on the SIGTERM to come
+        assert supervisor.stop(timeout=30) == 1
+        assert not [pid for pid in workers if running(pid)]
     assert f"(pid {workers[0]}) had not stopped 3 s after SIGTERM; killed it" in supervisor.stderr()
 
 
 def test_workers_stop_when_the_supervisor_dies_even_while_their_pulls_hang(make_emulator, tmp_path):
-    emulator = make_emulator(shards=2)
-    with SyslogReceiver("tcp") as receiver:
-        env = forwarder_env(emulator, port=receiver.port, SYNC_STOP_TIMEOUT="1")
-        with ForwarderProcess(env, tmp_path, ["--workers", "2"]) as supervisor:
-            wait_until(lambda: both_workers_hold_shards(emulator), "both workers to hold shards", 30)
-            workers = child_pids(supervisor.process.pid)
-            hang = emulator.inject(op="pull", action="delay", latency=300, duration=60)
-            try:
-                # Both workers' pulls hang, which holds a stop up (the SDK waits for them).
-                wait_until(lambda: next(f for f in emulator.state()["faults"] if f["id"] == hang["id"])
-                           ["applied"] >= 2, "both workers' pulls to hang", 30)
-                supervisor.kill()  # kill -9: the workers get SIGTERM from the kernel (PDEATHSIG)
-                wait_until(lambda: not [pid for pid in workers if running(pid)],
-                           "the orphaned workers to stop", 30)
-            finally:
-                kill_leftovers(workers)
+    with two_workers(make_emulator, tmp_path) as (emulator, supervisor, workers):
+        hang = emulator.inject(op="pull", action="delay", latency=300, duration=60)
+        # Both workers' pulls hang, which holds a stop up (the SDK waits for them).
+        wait_until(lambda: next(f for f in emulator.state()["faults"] if f["id"] == hang["id"])["applied"] >= 2,
+                   "both workers' pulls to hang", 30)
+        supervisor.kill()  # kill -9: the workers get SIGTERM from the kernel (PDEATHSIG)
+        wait_until(lambda: not [pid for pid in workers if running(pid)], "the orphaned workers to stop", 30)
