@@ -2707,19 +2707,20 @@ def main(argv=None):
         return EXIT_FAILURE
     if args.check:
         return check(settings)
-    if plain_http_warning(settings):
+    if not args.dry_run:
+        try:
+            lock, holder = acquire_lock(settings.sync_lock_file)
+        except LockError as exc:
+            print(printable(exc), file=sys.stderr)
+            return EXIT_FAILURE
+        if lock is None:
+            print(f"another instance is running (pid {holder}) for consumer {settings.sls_consumer_name}; "
+                  f"lock {settings.sync_lock_file}", file=sys.stderr)
+            return EXIT_OK
+    if plain_http_warning(settings):  # once at start, by every process that starts working
         log.warning("%s", plain_http_warning(settings))
     if args.dry_run:
         return dry_run(settings)
-    try:
-        lock, holder = acquire_lock(settings.sync_lock_file)
-    except LockError as exc:
-        print(printable(exc), file=sys.stderr)
-        return EXIT_FAILURE
-    if lock is None:
-        print(f"another instance is running (pid {holder}) for consumer {settings.sls_consumer_name}; "
-              f"lock {settings.sync_lock_file}", file=sys.stderr)
-        return EXIT_OK
     count = worker_count(settings)
     return run_workers(settings, count, environment) if count > 1 else run(settings)
 

@@ -19,6 +19,9 @@ from tests.waf_logs import realistic_logs, write_jsonl
 
 BOMB_BYTES = 256 << 20  # what each bomb expands to: four times MAX_PULL_BYTES
 RSS_BOUND_KB = 300 << 10  # README.md, "Security": the forwarder's peak resident size under bombs
+STOP_TIMEOUT = fwd.Settings.from_environment(dict(
+    SLS_ENDPOINT="e", SLS_AK_ID="i", SLS_AK_KEY="k", SLS_PROJECT="p", SLS_LOGSTORE="l",
+    SYSLOG_HOST="h")).sync_stop_timeout  # SYNC_STOP_TIMEOUT's default
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +256,7 @@ def test_a_log_of_a_million_fields_is_sent_cut_and_the_shard_goes_on(make_emulat
         env = forwarder_env(emulator, port=receiver.port)
         with ForwarderProcess(env, tmp_path) as forwarder:
             assert_delivered(lambda: receiver.messages, trace_ids(before + after), [forwarder], timeout=120)
-            assert forwarder.stop(timeout=60) == 0
+            assert forwarder.stop(timeout=STOP_TIMEOUT + 5) == 0  # the documented stop time
         messages = receiver.messages
     # Cut to fit: its first fields, values cut to "..." where need be (its trace id too).
     [position] = [i for i, message in enumerate(messages) if b",f0=v,f1=v,f2=v," in message]
