@@ -106,7 +106,8 @@ SETTINGS: this program
   SYNC_LOG_LEVEL          DEBUG | INFO | WARNING | ERROR                               default INFO
   SYNC_LOG_FILE           also write the log to this file; reopened when logrotate moves it
                           (the log has two INFO lines per batch: rotate it); created 0600; a
-                          symbolic link or a file of another user is refused  default stderr only
+                          symbolic link, another user's file or one others can write is refused
+                                                                              default stderr only
   SYNC_LOCK_FILE          lock that keeps a second copy from starting (--lock-file); it must be
                           a file of this user that group and others cannot write, in a directory
                           they cannot change (else exit 1)
@@ -1987,7 +1988,7 @@ class BoundedBody:
     def __init__(self, raw, limit):
         self.raw, self.limit, self.size = raw, limit, 0
 
-    def stream(self, amount, decode_content=None):
+    def stream(self, amount, decode_content=None):  # requests asks for decoding: not done
         for chunk in self.raw.stream(amount, decode_content=False):
             self.size += len(chunk)
             if self.size > self.limit:
@@ -2555,14 +2556,21 @@ class LockError(Exception):
     """A lock file this program cannot trust or use: exit 1 with this one line."""
 
 
-def lock_file_problem(status, directory, folder):
-    """Why a lock file (status: its os.stat_result) in directory (folder: the directory's) cannot
-    be trusted, or None."""
+def own_file_problem(status):
+    """Why a file opened to be written (its os.stat_result) is not this program's own, or None: it
+    must be a regular file of this user with no other hard link (else another user may have
+    linked a file of root's there), not writable by group or others."""
     if not stat.S_ISREG(status.st_mode):
         return "is not a regular file"
     if status.st_nlink != 1:
         return f"has {status.st_nlink} hard links"
-    problem = trust_problem(status, {os.geteuid()})
+    return trust_problem(status, {os.geteuid()})
+
+
+def lock_file_problem(status, directory, folder):
+    """Why a lock file (status: its os.stat_result) in directory (folder: the directory's) cannot
+    be trusted, or None."""
+    problem = own_file_problem(status)
     if problem:
         return problem
     if folder.st_uid not in trusted_owners():
@@ -2619,16 +2627,13 @@ def acquire_lock(path):
 
 class PrivateLogFile(logging.handlers.WatchedFileHandler):
     """SYNC_LOG_FILE: a WatchedFileHandler (reopened when logrotate has moved the file away) that
-    creates the file 0600 and opens neither a symbolic link nor a file of another user, nor one
-    with other hard links: root would otherwise append to whatever file another user points it at."""
+    creates the file 0600 and opens no symbolic link, and only a file of its own (own_file_problem):
+    root would otherwise append to whatever file another user points it at."""
 
     def _open(self):
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
-        status = os.fstat(fd)
-        problem = ("is not a regular file" if not stat.S_ISREG(status.st_mode)
-                   else f"belongs to uid {status.st_uid}" if status.st_uid != os.geteuid()
-                   else f"has {status.st_nlink} hard links" if status.st_nlink != 1 else None)
+        problem = own_file_problem(os.fstat(fd))
         if problem:
             os.close(fd)
             raise OSError(errno.EPERM, f"{problem}, so it is not written")

@@ -3,6 +3,7 @@ a bad next cursor, a pull that does not parse, forged error text, plain HTTP, an
 million fields. The forged answers come from the emulator's "replace" fault (tests/sls_emulator.py);
 the forwarder must count each as a failed pull, pull again, and deliver every log all the same."""
 import base64
+import io
 import logging
 import re
 import socket
@@ -10,6 +11,8 @@ import threading
 import zlib
 
 import pytest
+import requests
+import urllib3
 
 import sync_waf_to_syslog as fwd
 from tests.delivered import assert_delivered, trace_ids
@@ -114,6 +117,35 @@ def test_memory_bombs_are_failed_pulls_and_memory_stays_bounded(make_emulator, t
     assert "shard 1: pull failed (1 in a row)" in stderr and "x-log-bodyrawsize" in stderr
     assert "Traceback" not in stderr
     assert loss_report(trace_ids(logs), receiver.messages)["duplicates"] == 0
+
+
+def answer(body=b"", status=200, **headers):
+    """A requests Response as the SDK's session gets it, its body not read yet."""
+    response = requests.models.Response()
+    response.status_code = status
+    response.headers = requests.structures.CaseInsensitiveDict(headers)
+    response.raw = urllib3.HTTPResponse(body=io.BytesIO(body), headers=headers, status=status,
+                                        preload_content=False)
+    return response
+
+
+def test_answers_are_refused_before_their_body_is_read():
+    too_large = str(fwd.MAX_PULL_BYTES + 1)
+    for refused, reason in (
+            (answer(status=302, Location="http://elsewhere.example/"), "redirected"),
+            (answer(**{"Content-Encoding": "gzip"}), "Content-Encoding 'gzip'"),
+            (answer(**{"x-log-compresstype": "zstd"}), "compressed as 'zstd'"),
+            (answer(**{"Content-Length": too_large}), "Content-Length is"),
+            (answer(**{"x-log-bodyrawsize": too_large}), "x-log-bodyrawsize is"),
+            (answer(**{"x-log-bodyrawsize": "-1"}), "x-log-bodyrawsize is '-1'")):
+        with pytest.raises(fwd.UnsafeAnswer, match=reason):
+            fwd.refuse_unsafe_answer(refused)
+    accepted = answer(b"x" * 1000, **{"x-log-compresstype": "lz4", "x-log-bodyrawsize": "5000"})
+    fwd.refuse_unsafe_answer(accepted)
+    assert accepted.content == b"x" * 1000
+    endless = fwd.BoundedBody(answer(b"x" * 1000).raw, 999)  # a body longer than any header said
+    with pytest.raises(fwd.UnsafeAnswer, match="longer than"):
+        b"".join(endless.stream(100))
 
 
 # ------------------------------------------------------------------------------------------------

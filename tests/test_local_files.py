@@ -240,7 +240,9 @@ def test_the_log_file_is_created_private_and_never_through_a_link(tmp_path):
     os.link(target, tmp_path / "hard.log")
     (tmp_path / "foreign.log").write_text("")
     os.chown(tmp_path / "foreign.log", NOBODY, NOBODY)
-    for name in ("link.log", "hard.log", "foreign.log"):
+    (tmp_path / "writable.log").write_text("")
+    (tmp_path / "writable.log").chmod(0o666)
+    for name in ("link.log", "hard.log", "foreign.log", "writable.log"):
         with pytest.raises(OSError):
             fwd.PrivateLogFile(str(tmp_path / name))
     assert target.read_text() == SECRET
