@@ -17,13 +17,16 @@ RUN
   python sync_waf_to_syslog.py --check      check settings, SLS access and every syslog collector
   python sync_waf_to_syslog.py --dry-run    print the messages that would be sent next; send nothing
   Settings come from the environment, or from a `.env` file beside this script (or --env-file);
-  a variable set in the real environment wins over the file.
+  a variable set in the real environment wins over the file. The file must belong to you or root
+  and not be writable by group or others (it can set every variable), as must the TLS files.
+  A stop (SIGTERM / SIGINT) takes at most SYNC_STOP_TIMEOUT seconds, whatever a batch is doing.
 
 EXIT STATUS
   0  stopped on request, finished a replay (SLS_CURSOR_END), or another instance already runs
   1  runtime failure (e.g. SLS refused the AccessKey, SLS_STS_TOKEN expired, the RAM role's
-     credentials could not be had at start, the consumer thread died or got stuck, or the SDK is
-     missing or lacks an internal this file relies on: see SDK_TESTED_VERSION)
+     credentials could not be had at start, the consumer thread died or got stuck, the lock file
+     cannot be trusted, or the SDK is missing or lacks an internal this file relies on: see
+     SDK_TESTED_VERSION)
   2  bad settings: one line per problem, naming the variable
 
 CHANGING WHAT IS SENT
@@ -39,6 +42,9 @@ SETTINGS
 
 SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
   SLS_ENDPOINT            SLS endpoint, e.g. cn-hangzhou-intranet.log.aliyuncs.com        (required)
+                          reached over https:// unless it starts with http:// (then unencrypted:
+                          the AccessKey's signatures, the STS token and every log; warned at
+                          start and by --check; acceptable only on an intranet endpoint in a VPC)
   SLS_PROJECT             project, e.g. wafng-project-<uid>-cn-hangzhou                   (required)
   SLS_LOGSTORE            logstore, e.g. wafng-logstore                                   (required)
   SLS_CG                  consumer group name                                     default WAF-SLS
@@ -139,10 +145,19 @@ SETTINGS: syslog
 SETTINGS: this program
   SYNC_LOG_LEVEL          DEBUG | INFO | WARNING | ERROR                               default INFO
   SYNC_LOG_FILE           also write the log to this file; reopened when logrotate moves it
-                          (the log has two INFO lines per batch: rotate it)  default stderr only
-  SYNC_LOCK_FILE          lock that keeps a second copy from starting (--lock-file)
-                                          default <tmp>/sync_waf_to_syslog-<consumer name>.lock
+                          (the log has two INFO lines per batch: rotate it); created 0600; a
+                          symbolic link, another user's file or one others can write is refused
+                                                                              default stderr only
+  SYNC_LOCK_FILE          lock that keeps a second copy from starting (--lock-file); it must be
+                          a file of this user that group and others cannot write, in a directory
+                          they cannot change (else exit 1)
+                          default sync_waf_to_syslog-<consumer name>.lock in $RUNTIME_DIRECTORY
+                          (systemd), else in /run/sync_waf_to_syslog/ as root, else beside
+                          this script
   SYNC_STATS_INTERVAL     seconds between statistics lines, 0 = off (--stats-interval)  default 60
+  SYNC_STOP_TIMEOUT       seconds a stop may take (saving checkpoints, ending a batch) before the
+                          process exits anyway, still 0 on SIGTERM; --workers kills a worker
+                          that has not exited 2 s after that                         default 30
   SYNC_WORKERS            consumer processes on this host, or auto = one per CPU core but no more
                           than shards (--workers); each is consumer {SLS_CONSUMER_NAME}-{i},
                           restarted if it dies                                          default 1
@@ -153,6 +168,8 @@ MESSAGE
   RFC 3164: <PRI>Mmm dd hh:mm:ss HOSTNAME TAG: MSG. MSG holds STATIC_FIELDS and SYSLOG_STATIC_FIELDS,
   then __topic__, __source__, every __tag__:* and the WAF fields in their original order (as
   customize() returns them and SYSLOG_FIELDS_* select them); invalid UTF-8 becomes U+FFFD.
+  U+0085, U+2028 and U+2029 are sent as they are in every encoding: they are text, not line
+  breaks, to syslog framing and to JSON (only this program's own log escapes them).
   By SYSLOG_ENCODING:
   kv    key=value pairs joined by SYSLOG_SEP. Escaping in keys and values: \\ -> \\\\, LF -> \\n,
         CR -> \\r, the separator -> \\ + separator, other control characters except TAB -> \\xHH, and
@@ -194,11 +211,11 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import string
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -227,6 +244,7 @@ except ImportError as _error:
     SDK_IMPORT_ERROR = _error
     # so that the classes below can be defined
     ConsumerProcessorBase = ConsumerWorker = ConsumerClient = CredentialsProvider = object
+    LogException = Exception
 
 log = logging.getLogger("sync_waf_to_syslog")
 
@@ -255,6 +273,32 @@ class RateLimiter:
 
 def describe_error(exc):
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text):
+    """text with its control characters (C0, DEL, C1) and line separators written as \\xHH or
+    \\uHHHH: what a server or a file sent can then neither forge a line nor drive the terminal.
+    Everything printed or logged goes through it (PrintableFormatter, check())."""
+    return _UNPRINTABLE.sub(lambda match: f"\\x{ord(match.group()):02x}" if ord(match.group()) < 0x100
+                            else f"\\u{ord(match.group()):04x}", str(text))
+
+
+def trusted_owners():
+    """Who may own a file this program trusts (.env, the TLS files): this user and root."""
+    return {os.geteuid(), 0}
+
+
+def trust_problem(status, owners):
+    """Why a file (its os.stat_result) cannot be trusted, or None: it must belong to one of owners
+    (uids) and not be writable by group or others, who could otherwise change what it says."""
+    if status.st_uid not in owners:
+        return f"belongs to uid {status.st_uid}, not to uid {' or '.join(map(str, sorted(owners)))}"
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(status.st_mode):04o})"
+    return None
 
 
 def parse_time(text):
@@ -323,7 +367,7 @@ class SettingsError(Exception):
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Every setting, named as its variable in lower case (SYSLOG_SEP -> syslog_sep)."""
-    sls_endpoint: str
+    sls_endpoint: str              # a URL: https:// unless the variable said http://
     sls_ak_id: str                 # the credential settings: "" when not set (see sls_credentials)
     sls_ak_key: str = dataclasses.field(repr=False)
     sls_sts_token: str = dataclasses.field(repr=False)
@@ -380,6 +424,7 @@ class Settings:
     sync_log_file: str
     sync_lock_file: str
     sync_stats_interval: float
+    sync_stop_timeout: float
     sync_workers: object           # a count, or "auto" = min(CPU cores, shards)
 
     @classmethod
@@ -505,6 +550,20 @@ def read_secret_file(variable, path):
     return text
 
 
+ROOT_LOCK_DIRECTORY = "/run/sync_waf_to_syslog"
+
+
+def default_lock_file(env, consumer_name):
+    """The lock's path when SYNC_LOCK_FILE is not set, in a directory other users cannot write
+    (the shared temp directory let them plant or remove the lock): systemd's RuntimeDirectory=
+    ($RUNTIME_DIRECTORY, its first entry), else ROOT_LOCK_DIRECTORY as root, else the directory
+    of this script. Not $XDG_RUNTIME_DIR: cron has none, so a copy started by hand in a login
+    session would lock another file than the copy cron starts."""
+    directory = (env.get("RUNTIME_DIRECTORY") or "").split(":")[0] or (
+        ROOT_LOCK_DIRECTORY if os.geteuid() == 0 else os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(directory, f"sync_waf_to_syslog-{safe_file_name(consumer_name)}.lock")
+
+
 class _SettingsReader:
     """Reads every variable once and collects all problems, so the operator sees them together."""
 
@@ -579,9 +638,15 @@ class _SettingsReader:
         return str(seconds)
 
     def readable_file(self, name):
+        """A file this program reads and trusts (a CA bundle, a client certificate or key)."""
         path = self.text(name)
         if path and not os.access(path, os.R_OK):
             self.problems.append(f"{name}: cannot read file {path!r}")
+        elif path:
+            problem = trust_problem(os.stat(path), trusted_owners())
+            if problem:
+                self.problems.append(f"{name}: file {path!r} {problem}; whoever can change it "
+                                     "controls the TLS connection (chown it, chmod go-w)")
         return path
 
     def sls_credentials(self, endpoint):
@@ -626,6 +691,17 @@ class _SettingsReader:
         return dict(fields, sls_ecs_ram_role=role, sls_ecs_metadata_endpoint=metadata,
                     sls_ecs_metadata_v1=self.choice("SLS_ECS_METADATA_V1", "on", {"on", "off"}) == "on",
                     sls_auth_version=auth_version, sls_region=region)
+
+    def endpoint(self, name):
+        """The SLS endpoint as a URL: https:// unless it names its scheme, http:// or https://."""
+        value = self.required(name)
+        scheme, separator, rest = value.partition("://")
+        if not separator:
+            return "https://" + value if value else value
+        if scheme.lower() not in ("http", "https") or not rest:
+            self.problems.append(f"{name}: {value!r} must be a host name, optionally after "
+                                 "https:// or http://")
+        return f"{scheme.lower()}://{rest}"
 
     def header_field(self, name, default, max_length):
         value = self.text(name, default)
@@ -729,8 +805,7 @@ class _SettingsReader:
             self.problems.append(f"{missing}: required for mutual TLS together with "
                                  f"{'SYSLOG_CLIENT_CERT' if client_cert else 'SYSLOG_CLIENT_KEY'}")
         consumer_name = self.text("SLS_CONSUMER_NAME", f"{sls_cg}-{socket.gethostname()}")
-        lock_file = self.text("SYNC_LOCK_FILE", os.path.join(
-            tempfile.gettempdir(), f"sync_waf_to_syslog-{safe_file_name(consumer_name)}.lock"))
+        lock_file = self.text("SYNC_LOCK_FILE", default_lock_file(self.env, consumer_name))
         workers = self.text("SYNC_WORKERS", "1").lower()
         if workers != "auto":
             workers = self.number("SYNC_WORKERS", 1, 1, 256)
@@ -785,6 +860,7 @@ class _SettingsReader:
             sync_log_file=self.text("SYNC_LOG_FILE"),
             sync_lock_file=lock_file,
             sync_stats_interval=self.number("SYNC_STATS_INTERVAL", 60.0, 0, 86400, float),
+            sync_stop_timeout=self.number("SYNC_STOP_TIMEOUT", 30.0, 1, 3600, float),
             sync_workers=workers,
         )
         if protocol in TLS_PROTOCOLS and not self.problems:
@@ -803,14 +879,24 @@ class _SettingsReader:
 
 
 def load_env_file(path, environ):
-    """Variables from a .env file, overridden by the real environment."""
+    """Variables from a .env file, overridden by the real environment. The file (and a symbolic
+    link to it) must belong to this user or root, and the file not be writable by group or
+    others: its variables choose the files this program writes and the servers it trusts."""
     try:
         from dotenv import dotenv_values
     except ImportError:
         raise SettingsError([f"{path}: reading it needs python-dotenv, which is not installed "
                              "(pip install -r requirements.txt), or set the variables in the environment"]) from None
     try:
-        values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+        link = os.lstat(path)
+        with open(path, encoding="utf-8") as stream:
+            problem = trust_problem(os.fstat(stream.fileno()), trusted_owners())
+            if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted_owners():
+                problem = f"is a symbolic link of uid {link.st_uid}"
+            if problem:
+                raise SettingsError([f"{path}: {problem}; it can set every variable, so it is not "
+                                     "read (chown it, chmod go-w)"])
+            values = {k: v for k, v in dotenv_values(stream=stream).items() if v is not None}
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingsError([f"{path}: cannot read it: {exc}"]) from None
     values.update(environ)
@@ -1231,9 +1317,14 @@ def fit_message(head, fields, encode_body, max_size):
     stays well-formed in every encoding. If even values cut to "..." do not fit, fields are left out
     from the end; a header that alone is too long is cut at a UTF-8 boundary as a last resort.
     Each try encodes the body once, and the number of tries grows with the logarithm of the cap and
-    of the fields kept, so a log with a million fields costs seconds, not hours."""
+    of the fields kept, so a log with a million fields costs seconds, not hours.
+
+    A body that cannot fit is never built whole: its names and values alone (and one character
+    between each name and value) already exceed the room. That is a lower bound in kv and json;
+    cef and leef may map names to shorter keys and leave empty values out, and then cut a body
+    that would have fit, which gives the same bytes, reported as not truncated."""
     room = max_size - len(head)
-    if sum(len(value) for _, value in fields) <= room:  # else it cannot fit: do not build it whole
+    if sum(len(key) + len(value) + 1 for key, value in fields) <= room:
         body = encode_body(fields).encode()
         if len(body) <= room:
             return head + body, False
@@ -1251,7 +1342,8 @@ def fit_message(head, fields, encode_body, max_size):
     longest = max(map(len, raws[:count]), default=shortest)
     cap = largest(lambda c: len(body_with(c, count)) <= room, min(longest, max(room, shortest)), shortest)
     message = head + body_with(cap, count)
-    return message[:utf8_boundary(message, max_size)], True
+    truncated = count < len(fields) or cap < longest or len(message) > max_size
+    return message[:utf8_boundary(message, max_size)], truncated
 
 
 def largest(fits, high, low=0):
@@ -1349,9 +1441,9 @@ def read_log_groups(raw):
 
 
 def read_pull(response):
-    """The processor's preprocessor: the LogGroups of a PullLogResponse, read from its uncompressed
-    body, which the SDK (0.9) keeps and parses only when asked. It runs in the SDK's fetch task, so
-    a pull that does not parse is fetched again, as with the SDK's own parse."""
+    """The LogGroups of a PullLogResponse, read from its uncompressed body, which the SDK (0.9)
+    keeps and parses only when asked. ResilientConsumerClient.pull_logs reads every pull with it,
+    so a pull that does not parse is a failed pull, fetched again."""
     raw = getattr(response, "_raw_uncompressed_body", None)  # SDK internal, hence the fallback
     if not isinstance(raw, (bytes, bytearray)):
         raw = response.get_loggroup_list().SerializeToString()
@@ -1410,7 +1502,8 @@ def joined_values_escaper(separator):
 def kv_body(contents, separator, sent_name=None, limit=float("inf")):
     """encode_kv(select_fields(log_fields(log), sent_name), separator).encode() for a log's
     Contents, or None if a value holds NUL itself (rare: the joined values could then not be
-    split apart again) or the values alone are longer than limit (the message will be cut)."""
+    split apart again) or the values alone, or the template of the names, are longer than limit:
+    the message will (nearly always) be cut, so the reference path builds it, not whole."""
     values = contents.Value
     if not values:
         return b""
@@ -1418,6 +1511,8 @@ def kv_body(contents, separator, sent_name=None, limit=float("inf")):
     if len(joined) > limit or joined.count(b"\x00") != len(values) - 1:
         return None
     template, positions = kv_plan(tuple(contents.Key), separator, sent_name)
+    if len(template) > limit:
+        return None
     escaped = joined_values_escaper(separator)(joined).split(b"\x00")
     return template % (tuple(escaped) if positions is None else tuple(map(escaped.__getitem__, positions)))
 
@@ -2727,10 +2822,13 @@ def open_credentials(settings):
 
 
 def sls_client(settings, credentials):
-    """A LogClient signing every request with the current credentials, as SLS_AUTH_VERSION says: the
-    one way this program makes them (--check, --dry-run, counting shards, the consumer)."""
-    return LogClient(settings.sls_endpoint, auth_version=settings.sls_auth_version,
-                     region=settings.sls_region, credentials_provider=credentials)
+    """A LogClient signing every request with the current credentials, as SLS_AUTH_VERSION says,
+    taking no answer beyond bound_answers(): the one way this program makes them (--check,
+    --dry-run, counting shards, the consumer)."""
+    client = LogClient(settings.sls_endpoint, auth_version=settings.sls_auth_version,
+                       region=settings.sls_region, credentials_provider=credentials)
+    bound_answers(client)
+    return client
 
 
 def warn_if_readable_by_others(paths):
@@ -2754,7 +2852,8 @@ class Stats:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.totals = dict(logs=0, bytes=0, send_errors=0, resent=0, truncated=0, filtered=0, filtered_by_sls=0)
+        self.totals = dict(logs=0, bytes=0, send_errors=0, resent=0, truncated=0, filtered=0,
+                           filtered_by_sls=0, failed_pulls=0)
         self.newest = {}  # shard -> time of the newest log sent
         self.since = time.monotonic()
         self.reported = dict(self.totals)
@@ -2781,8 +2880,8 @@ class Stats:
             t = self.totals
             return (f"stats: {rate['logs']:.0f} logs/s, {rate['bytes']:.0f} bytes/s, total {t['logs']} logs, "
                     f"lag {lag or '-'}, send errors {t['send_errors']}, resent {t['resent']}, "
-                    f"truncated {t['truncated']}, filtered {t['filtered']}, filtered by SLS {t['filtered_by_sls']}"
-                    + (f", active {active}" if active else ""))
+                    f"truncated {t['truncated']}, filtered {t['filtered']}, filtered by SLS {t['filtered_by_sls']}, "
+                    f"failed pulls {t['failed_pulls']}" + (f", active {active}" if active else ""))
 
 
 Pull = collections.namedtuple("Pull", "groups filtered_by_sls")
@@ -2875,6 +2974,7 @@ class Forwarder:
         self.delivery = Delivery(settings, stop, self.stats)
         self.ceiling = EventsPerSecond(settings) if settings.syslog_max_eps else None
         self.trackers = {}  # shard -> checkpoint tracker of its processor
+        self.encoding = {}  # shard -> (monotonic time, logs) of the batch being encoded (supervise)
 
     def stats_line(self):
         return self.stats.line(self.delivery.pool.active())
@@ -2940,12 +3040,11 @@ class WafLogProcessor(ConsumerProcessorBase):
         self.warned = RateLimiter(60)
 
     def read(self, response):
-        """The pull as process() takes it: its LogGroups (read_pull) and how many logs SLS filtered
-        out of it (SLS_QUERY), after noting its size for the fetch budget. It runs in the SDK's
-        fetch task, for every pull."""
-        groups = read_pull(response)
-        self.forwarder.budget.observe_pull(self.shard_id, response, groups)
-        return Pull(groups, logs_filtered_by_sls(response))
+        """The pull as process() takes it: its LogGroups (which ResilientConsumerClient.pull_logs
+        read) and how many logs SLS filtered out of it (SLS_QUERY), after noting its size for the
+        fetch budget. It runs in the SDK's fetch task, for every pull."""
+        self.forwarder.budget.observe_pull(self.shard_id, response, response.log_groups)
+        return Pull(response.log_groups, logs_filtered_by_sls(response))
 
     def process(self, pull, tracker):
         try:
@@ -2961,7 +3060,11 @@ class WafLogProcessor(ConsumerProcessorBase):
 
     def forward(self, pull, tracker):
         forwarder = self.forwarder
-        batch = forwarder.encoder.encode(pull.groups)
+        forwarder.encoding[self.shard_id] = (time.monotonic(), sum(len(group.Logs) for group in pull.groups))
+        try:
+            batch = forwarder.encoder.encode(pull.groups)
+        finally:
+            del forwarder.encoding[self.shard_id]
         log.info("Get data from shard %d, log count: %d", self.shard_id, len(batch.messages))
         if batch.truncated:
             forwarder.stats.add(truncated=batch.truncated)
@@ -3036,9 +3139,83 @@ class WafConsumerWorker(ConsumerWorker):
                                            else max(self.backlog_interval, self.IDLE_INTERVAL))
 
 
+# Every SLS answer is read whole into memory, then decompressed and parsed: its size is capped.
+# An answer larger than this, or declaring more uncompressed bytes, is refused (a failed pull,
+# tried again), so that no answer, real or forged, can take the memory. SLS answers far less: it
+# stops a pull at a few MB (the emulator at 10 MB), and one LogGroup holds at most 5 MB. The
+# adaptive fetch size (issue 12) is to derive this cap from its byte budget.
+MAX_PULL_BYTES = 64 << 20
+PULL_RETRY_DELAY, PULL_RETRY_MAX_DELAY = 0.5, 30.0  # seconds: backoff after failed pulls of a shard
+
+
+class UnsafeAnswer(Exception):
+    """An SLS answer refused before its body is read: see refuse_unsafe_answer."""
+
+
+class BoundedBody:
+    """An answer's body as requests reads it (Response.raw.stream), raising UnsafeAnswer past
+    `limit` bytes; never decoded (refuse_unsafe_answer lets no Content-Encoding through)."""
+
+    def __init__(self, raw, limit):
+        self.raw, self.limit, self.size = raw, limit, 0
+
+    def stream(self, amount, decode_content=None):  # requests asks for decoding: not done
+        for chunk in self.raw.stream(amount, decode_content=False):
+            self.size += len(chunk)
+            if self.size > self.limit:
+                self.raw.close()
+                raise UnsafeAnswer(f"the answer is longer than MAX_PULL_BYTES={self.limit} bytes")
+            yield chunk
+
+    def close(self):
+        self.raw.close()
+
+    def release_conn(self):
+        self.raw.release_conn()
+
+
+def refuse_unsafe_answer(response, **_):
+    """A requests response hook (see bound_answers), run before the body is read: refuses a
+    redirect (SLS never redirects, and the STS token header would follow it), an answer compressed
+    other than as asked (a Content-Encoding, or an x-log-compresstype other than lz4: the SDK would
+    inflate deflate without a limit), and one larger than MAX_PULL_BYTES, by its Content-Length,
+    its x-log-bodyrawsize (the size lz4 decompresses to, at most) or in fact. The SDK turns the
+    exception into a LogException (LogRequestError) carrying its text."""
+    headers = response.headers
+    if response.is_redirect:
+        raise UnsafeAnswer(f"the server redirected to {headers.get('Location', '')[:200]!r}")
+    content_encoding = (headers.get("Content-Encoding") or "identity").strip().lower()
+    compress_type = (headers.get("x-log-compresstype") or "").strip().lower()
+    if content_encoding != "identity":
+        raise UnsafeAnswer(f"the answer has Content-Encoding {content_encoding[:40]!r}, which was not asked for")
+    if compress_type not in ("", "lz4"):
+        raise UnsafeAnswer(f"the answer is compressed as {compress_type[:40]!r}; only lz4 was asked for")
+    for name in ("Content-Length", "x-log-bodyrawsize"):
+        size = (headers.get(name) or "0").strip()
+        if not size.isdigit() or int(size) > MAX_PULL_BYTES:
+            raise UnsafeAnswer(f"the answer's {name} is {size[:20]!r}, more than "
+                               f"MAX_PULL_BYTES={MAX_PULL_BYTES}")
+    response.raw = BoundedBody(response.raw, MAX_PULL_BYTES)
+
+
+def bound_answers(log_client):
+    """Make every answer to an SDK LogClient pass refuse_unsafe_answer: the client sends each request
+    through its requests Session (its _session), whose response hooks run before the body is read."""
+    log_client._session.hooks["response"].append(refuse_unsafe_answer)
+
+
+class PullFailed(LogException):
+    """A pull that failed or was refused: ResilientConsumerClient counted and reported it, so the
+    SDK's own warning about it is left out (SdkLogFilter)."""
+
+
+class PullDeferred(PullFailed):
+    """A pull not made: its shard waits out the backoff that follows failed pulls."""
+
+
 class ResilientConsumerClient(ConsumerClient):
     """The SDK's ConsumerClient signing with the current credentials, with fixes for a no-loss
-    forwarder (SDK 0.9.52 behaviour):
+    forwarder that takes no answer on trust (SDK 0.9.52 behaviour):
 
     * its LogClient is sls_client(): the SDK's has static keys only, renewed by a
       credentials_refresher it calls only after SLS refused a request (sleeping up to 5 minutes in
@@ -3052,16 +3229,24 @@ class ResilientConsumerClient(ConsumerClient):
     * a failed checkpoint write raised from the SDK's idle flush kills its worker thread while the
       heartbeat keeps holding the shards; here the failure is logged, kept, and retried with the
       next checkpoint write, so consumption goes on (at worst, a restart repeats some logs);
+    * a pull is asked for lz4 only and its answer bounded (bound_answers), its next cursor must be
+      a cursor not before the one pulled from, and its LogGroups are read here (read_pull). A pull
+      that fails any of that, or fails in SLS, is counted ("failed pulls" in the stats line),
+      logged (once a minute per shard) and made again after a backoff (PULL_RETRY_DELAY, doubling
+      up to PULL_RETRY_MAX_DELAY). The SDK would decompress any size, follow a bad cursor to the
+      end of the shard, or print the traceback of a pull that does not parse twice a second;
     * a pull that SLS_QUERY filtered to nothing is a FilteredPull, so its checkpoint moves on."""
 
-    def __init__(self, settings, credentials):
+    def __init__(self, settings, credentials, stats):
         super().__init__(settings.sls_endpoint, None, None, settings.sls_project, settings.sls_logstore,
-                         settings.sls_cg, settings.sls_consumer_name)
+                         settings.sls_cg, settings.sls_consumer_name, accept_compress_type="lz4")
         self.mclient = sls_client(settings, credentials)  # every method sends through mclient
         self.mclient.set_user_agent(f"{USER_AGENT}-consumergroup-{settings.sls_cg}-{settings.sls_consumer_name}")
         self.credentials = credentials
+        self.stats = stats
         self.unsaved = {}  # shard -> (consumer, cursor) whose write failed
         self.unsaved_lock = threading.Lock()
+        self.pull_failures = {}  # shard -> (failed pulls in a row, monotonic time of the next try)
         self.warned = RateLimiter(60)
 
     def note_refusal(self, exc):
@@ -3084,14 +3269,36 @@ class ResilientConsumerClient(ConsumerClient):
         return True
 
     def pull_logs(self, shard_id, cursor, **kwargs):
-        """super().pull_logs, with an expired cursor resumed from the oldest log, and a pull that
-        SLS_QUERY filtered to nothing as a FilteredPull."""
-        response = self.pull_with_retained_cursor(shard_id, cursor, **kwargs)
-        if response.get_loggroup_count() == 0 and response.get_next_cursor() not in ("", cursor):
+        """The pull, with its LogGroups read into response.log_groups (a FilteredPull if SLS_QUERY
+        left none while the cursor moved on); raises PullFailed."""
+        failures, next_try = self.pull_failures.get(shard_id, (0, 0.0))
+        if time.monotonic() < next_try:
+            raise PullDeferred("PullDeferred", f"shard {shard_id} waits after {failures} failed pulls")
+        try:
+            response = self.pull_resuming_expired(shard_id, cursor, **kwargs)
+        except LogException as exc:
+            if "invalidcursor" in exc.get_error_code().lower():
+                raise  # the SDK continues from the end of the shard: see pull_resuming_expired
+            raise self.failed_pull(shard_id, failures, exc.get_error_code(), exc.get_error_message(),
+                                   exc.get_resp_status()) from None
+        except Exception as exc:  # an answer the SDK could not read: a header missing, bad lz4
+            raise self.failed_pull(shard_id, failures, type(exc).__name__, str(exc)) from None
+        next_cursor = response.get_next_cursor()
+        if cursor_number(next_cursor or "") is None or \
+                cursor_number(next_cursor) < (cursor_number(cursor) or 0):
+            raise self.failed_pull(shard_id, failures, "BadNextCursor",
+                                   f"the next cursor {next_cursor!r} is no cursor after {cursor!r}")
+        try:
+            response.log_groups = read_pull(response)
+        except Exception as exc:  # protobuf's DecodeError, or the SDK's own parse failing
+            raise self.failed_pull(shard_id, failures, "BadPullBody",
+                                   f"the pulled LogGroups do not parse: {describe_error(exc)}") from None
+        self.pull_failures.pop(shard_id, None)
+        if response.get_loggroup_count() == 0 and next_cursor != cursor:
             return FilteredPull(response)
         return response
 
-    def pull_with_retained_cursor(self, shard_id, cursor, **kwargs):
+    def pull_resuming_expired(self, shard_id, cursor, **kwargs):
         try:
             return super().pull_logs(shard_id, cursor, **kwargs)
         except LogException as exc:
@@ -3110,6 +3317,18 @@ class ResilientConsumerClient(ConsumerClient):
                       "from the end of the shard, so logs between the checkpoint and the end may "
                       "have been skipped", shard_id, cursor, exc.get_error_message())
             raise
+
+    def failed_pull(self, shard_id, failures, code, message, status=200):
+        """The PullFailed to raise for a failed pull of shard_id, the one after `failures` others in
+        a row: counted, logged, and the shard's next pull put off."""
+        failures += 1
+        delay = min(PULL_RETRY_MAX_DELAY, PULL_RETRY_DELAY * 2 ** min(failures - 1, 16))
+        self.pull_failures[shard_id] = (failures, time.monotonic() + delay)
+        self.stats.add(failed_pulls=1)
+        if self.warned.ready(("pull", shard_id)):
+            log.warning("shard %d: pull failed (%d in a row): %s: %s; pulling again in %.1f s, "
+                        "nothing is skipped", shard_id, failures, code, message[:500], delay)
+        return PullFailed(code, message, resp_status=status)
 
     def update_check_point(self, shard, consumer, check_point):
         try:
@@ -3138,7 +3357,9 @@ class ResilientConsumerClient(ConsumerClient):
 
 
 class SdkLogFilter(logging.Filter):
-    """Lets each distinct SDK message through once a minute, without its traceback."""
+    """Lets each distinct SDK message through once a minute, without its traceback, and none about
+    a pull ResilientConsumerClient has reported itself (PullFailed). Decided once per record, as
+    every handler asks."""
 
     def __init__(self, interval=60):
         super().__init__()
@@ -3147,9 +3368,12 @@ class SdkLogFilter(logging.Filter):
     def filter(self, record):
         if not record.name.startswith("aliyun"):
             return True
-        record.exc_info = record.exc_text = None
-        text = re.sub(r'"requestId": "[^"]*"', "", record.getMessage())  # unique per request
-        return self.limiter.ready((record.name, text[:160]))
+        if not hasattr(record, "sdk_filter_verdict"):
+            reported = bool(record.exc_info) and isinstance(record.exc_info[1], PullFailed)
+            record.exc_info = record.exc_text = None
+            text = re.sub(r'"requestId": "[^"]*"', "", record.getMessage())  # unique per request
+            record.sdk_filter_verdict = not reported and self.limiter.ready((record.name, text[:160]))
+        return record.sdk_filter_verdict
 
 
 def consumer_config(settings):
@@ -3167,7 +3391,8 @@ def consumer_config(settings):
         data_fetch_interval=settings.sls_fetch_interval,
         max_fetch_log_group_size=settings.sls_max_fetch_groups,
         worker_pool_size=settings.sls_worker_pool_size,
-        query=settings.sls_query or None, processor=settings.sls_consume_processor or None)
+        query=settings.sls_query or None, processor=settings.sls_consume_processor or None,
+        accept_compress_type="lz4")  # the only compression this file accepts (bound_answers)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -3218,6 +3443,10 @@ def sdk_internals():
          ConsumerClient, "__init__", {"mclient", "mproject", "mlogstore", "mconsumer_group", "mconsumer"}),
         ("ConsumerClient sends its requests through mclient (e.g. reading a checkpoint)",
          ConsumerClient, "get_check_point", {"mclient"}),
+        ("ConsumerClient sends its requests through its LogClient, mclient (bound_answers)",
+         ConsumerClient, "pull_logs", {"mclient"}),
+        ("LogClient sends every request through its requests Session, _session (bound_answers)",
+         LogClient, "_get_http_sender", {"_session"}),
     ]
 
 
@@ -3268,14 +3497,35 @@ def credentials_or_none(settings):
     return credentials
 
 
+class StopDeadline(threading.Thread):
+    """Ends the process SYNC_STOP_TIMEOUT seconds after a stop began (`stopping` was set) if it has
+    not ended by then: a stop must not wait for ever on a batch that does not end, a pull SLS does
+    not answer or a checkpoint it does not take. Exits with `status` (0 for a requested stop)."""
+
+    def __init__(self, stopping, seconds):
+        super().__init__(name="stop-deadline", daemon=True)
+        self.stopping, self.seconds, self.status = stopping, seconds, EXIT_OK
+
+    def run(self):
+        self.stopping.wait()
+        time.sleep(self.seconds)
+        log.warning("still stopping after SYNC_STOP_TIMEOUT=%g s; exiting anyway: the logs delivered "
+                    "since the checkpoints were last saved (about a second) will be sent again",
+                    self.seconds)
+        logging.shutdown()
+        os._exit(self.status)
+
+
 def run(settings):
     """Consume until stopped; returns the exit status."""
     stop = stop_on_signals()
+    deadline = StopDeadline(stop, settings.sync_stop_timeout)
+    deadline.start()
     credentials = credentials_or_none(settings)
     if credentials is None:
         return EXIT_FAILURE
     forwarder = Forwarder(settings, stop)
-    client = ResilientConsumerClient(settings, credentials)
+    client = ResilientConsumerClient(settings, credentials, forwarder.stats)
     try:
         worker = WafConsumerWorker(forwarder, consumer_config(settings), client)
     except ClientWorkerException as exc:
@@ -3291,6 +3541,7 @@ def run(settings):
     threading.Thread(target=forwarder.flush_checkpoints, name="checkpoints", daemon=True).start()
     status = supervise(settings, worker, forwarder, stop)
     log.info("stopping: saving the checkpoints of delivered logs and releasing the shards")
+    deadline.status = status
     stop.set()
     # ConsumerWorker.shutdown() stops the heartbeat at once, so after the group timeout another
     # member may get a shard before this one has saved its last checkpoint there (duplicates).
@@ -3313,10 +3564,13 @@ def supervise(settings, worker, forwarder, stop):
     The thread's loop goes round every SLS_FETCH_INTERVAL (the work itself runs in the pool), so a
     loop that has not gone round for 10 heartbeat intervals is stuck, and its shards, which the
     heartbeat keeps holding, would be read by nobody. Credentials that SLS refuses and nothing
-    renews (an expired SLS_STS_TOKEN) end it too."""
+    renews (an expired SLS_STS_TOKEN) end it too. A batch still being encoded after three
+    heartbeat intervals (its shard waits meanwhile) is reported, then once a minute; a batch
+    waiting for the syslog server is reported by Delivery."""
     credentials = worker.consumer_client.credentials
     next_stats = time.monotonic() + (settings.sync_stats_interval or float("inf"))
     stuck_after = 10 * settings.sls_heartbeat_interval
+    slow_after, slow_reported = 3 * settings.sls_heartbeat_interval, RateLimiter(60)
     last_check = time.monotonic()
     while not stopped(stop, 0.5):
         now = time.monotonic()
@@ -3338,6 +3592,11 @@ def supervise(settings, worker, forwarder, stop):
         if credentials.failure:
             log.error("%s; exiting", credentials.failure)
             return EXIT_FAILURE
+        for shard, (since, logs) in list(forwarder.encoding.items()):
+            if now - since > slow_after and slow_reported.ready((shard, since)):
+                log.warning("shard %d: encoding a batch of %d logs has taken %.0f s so far (a log with "
+                            "a great many fields? a slow customize()?); the shard waits for it",
+                            shard, logs, now - since)
         if now >= next_stats:
             log.info(forwarder.stats_line())
             next_stats += settings.sync_stats_interval
@@ -3345,15 +3604,15 @@ def supervise(settings, worker, forwarder, stop):
 
 
 def check_sls(settings, client):
-    """(ok, verdict) of --check for SLS: the logstore's shards and the consumer group."""
+    """(OK or FAIL, what it found) of --check for SLS: the logstore's shards and the consumer group."""
     where = f"SLS {settings.sls_project}/{settings.sls_logstore}"
     try:
         shards = client.list_shards(settings.sls_project, settings.sls_logstore).get_shards_info()
         groups = client.list_consumer_group(settings.sls_project, settings.sls_logstore).get_consumer_groups()
     except LogException as exc:
-        return False, f"{where}: {exc.get_error_code()}: {exc.get_error_message()}"
+        return "FAIL", f"{where}: {exc.get_error_code()}: {exc.get_error_message()}"
     state = "exists" if settings.sls_cg in [g.get_consumer_group_name() for g in groups] else "will be created"
-    return True, (f"{where}: {len(shards)} shards, consumer group {settings.sls_cg} {state} "
+    return "OK", (f"{where}: {len(shards)} shards, consumer group {settings.sls_cg} {state} "
                   f"(signature {settings.sls_auth_version})")
 
 
@@ -3396,36 +3655,46 @@ def refused_statement(settings):
         credentials.close()
 
 
+def plain_http_warning(settings):
+    """The warning for an SLS endpoint reached without TLS, or None."""
+    if not settings.sls_endpoint.startswith("http://"):
+        return None
+    return (f"SLS_ENDPOINT {settings.sls_endpoint} is plain HTTP: the AccessKey's signatures, the STS "
+            "token and every log cross the network unencrypted and can be changed on the way; use "
+            "https:// unless this is an intranet endpoint inside your VPC")
+
+
 def check(settings):
-    """--check: one verdict line per check; 0 when all pass, 1 otherwise (2 for a statement SLS
-    refuses: a setting error)."""
-    results = []
+    """--check: one verdict line per check (OK, WARN or FAIL; what servers said is escaped by
+    printable()); 0 when none failed, 1 otherwise, 2 for a statement SLS refuses (a setting error)."""
+    warning = plain_http_warning(settings)
+    results = [("WARN", warning)] if warning else []
     try:
         credentials = open_credentials(settings)
     except CredentialsError as exc:
-        results.append((False, f"credentials: {exc}"))
+        results.append(("FAIL", f"credentials: {exc}"))
     else:
         client = sls_client(settings, credentials)
         refused = statement_problem(settings, client)
         if refused:
-            print(f"setting error: {refused}", file=sys.stderr, flush=True)
+            print(f"setting error: {printable(refused)}", file=sys.stderr, flush=True)
             return EXIT_BAD_SETTINGS
-        results.append((True, f"credentials: {credentials.describe()}; {credentials.expiry()}"))
+        results.append(("OK", f"credentials: {credentials.describe()}; {credentials.expiry()}"))
         results.append(check_sls(settings, client))
     for target in syslog_targets(settings):  # each one: a collector may be down while others serve
         transport = transport_for(settings, target)
         name = f"syslog {settings.syslog_protocol}://{target}"
         try:
             transport.connect(threading.Event())
-            results.append((True, f"{name}: connected" + (" (TLS handshake and certificate verified)"
+            results.append(("OK", f"{name}: connected" + (" (TLS handshake and certificate verified)"
                                                           if settings.syslog_protocol in TLS_PROTOCOLS else "")))
         except (OSError, ssl.SSLError) as exc:
-            results.append((False, f"{name}: {describe_error(exc)}"))
+            results.append(("FAIL", f"{name}: {describe_error(exc)}"))
         finally:
             transport.close()
-    for ok, text in results:
-        print(f"{'OK  ' if ok else 'FAIL'} {text}", flush=True)
-    return EXIT_OK if all(ok for ok, _ in results) else EXIT_FAILURE
+    for verdict, text in results:
+        print(f"{verdict:4} {printable(text)}", flush=True)
+    return EXIT_FAILURE if any(verdict == "FAIL" for verdict, _ in results) else EXIT_OK
 
 
 def dry_run(settings):
@@ -3494,15 +3763,26 @@ def worker_count(settings):
     return max(1, min(cores, shards))
 
 
-def die_with_parent():
-    """In a worker process: get SIGTERM if the supervisor dies, so no worker is left orphaned."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+STOP_GRACE = 2.0  # seconds --workers gives a worker beyond SYNC_STOP_TIMEOUT before killing it
+
+
+def die_with(parent):
+    """A preexec_fn for a worker process: it gets SIGTERM when `parent` (the supervisor's pid) dies,
+    so no worker is left orphaned, and so stops within SYNC_STOP_TIMEOUT. A parent gone already,
+    before the request took effect, would never send it: then the worker ends at once."""
+    def die_with_parent():
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return die_with_parent
 
 
 def run_workers(settings, count, environment):
     """--workers N: N consumer processes of the group on this host ({name}-0 ... {name}-N-1),
-    restarted when one dies; SIGTERM / SIGINT is passed on and waited for."""
+    restarted when one dies; SIGTERM / SIGINT is passed on and waited for, and a worker that has
+    not exited SYNC_STOP_TIMEOUT + STOP_GRACE seconds later is killed."""
     stop = stop_on_signals()
     names = [f"{settings.sls_consumer_name}-{i}" for i in range(count)]
     children, started, delays = {}, {}, {name: 1.0 for name in names}
@@ -3511,7 +3791,7 @@ def run_workers(settings, count, environment):
         env = dict(environment, SLS_CONSUMER_NAME=name, SYNC_WORKERS="1",
                    SYNC_LOCK_FILE=f"{settings.sync_lock_file}.{safe_file_name(name)}")
         children[name] = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
-                                          stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                                          stdin=subprocess.DEVNULL, preexec_fn=die_with(os.getpid()))
         started[name] = time.monotonic()
         log.info("started worker %s (pid %d)", name, children[name].pid)
 
@@ -3543,22 +3823,89 @@ def run_workers(settings, count, environment):
     for child in children.values():
         child.send_signal(signal.SIGTERM)
     # A worker still starting up has no handler yet and dies of the signal itself: that is fine.
-    failed = [name for name, child in children.items() if child.wait() not in (EXIT_OK, -signal.SIGTERM)]
+    deadline = time.monotonic() + settings.sync_stop_timeout + STOP_GRACE
+    failed = []
+    for name, child in children.items():
+        try:
+            status = child.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            status = child.wait()
+            log.error("worker %s (pid %d) had not stopped %.0f s after SIGTERM; killed it", name,
+                      child.pid, settings.sync_stop_timeout + STOP_GRACE)
+        if status not in (EXIT_OK, -signal.SIGTERM):
+            failed.append(name)
     if failed:
         log.error("workers %s did not stop cleanly", ", ".join(failed))
     log.info("all workers stopped")
     return EXIT_FAILURE if failed else EXIT_OK
 
 
+class LockError(Exception):
+    """A lock file this program cannot trust or use: exit 1 with this one line."""
+
+
+def own_file_problem(status):
+    """Why a file opened to be written (its os.stat_result) is not this program's own, or None: it
+    must be a regular file of this user with no other hard link (else another user may have
+    linked a file of root's there), not writable by group or others."""
+    if not stat.S_ISREG(status.st_mode):
+        return "is not a regular file"
+    if status.st_nlink != 1:
+        return f"has {status.st_nlink} hard links"
+    return trust_problem(status, {os.geteuid()})
+
+
+def lock_file_problem(status, directory, folder):
+    """Why a lock file (status: its os.stat_result) in directory (folder: the directory's) cannot
+    be trusted, or None."""
+    problem = own_file_problem(status)
+    if problem:
+        return problem
+    if folder.st_uid not in trusted_owners():
+        return f"is in {directory}, which belongs to uid {folder.st_uid}"
+    if folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not folder.st_mode & stat.S_ISVTX:
+        return f"is in {directory}, where others can remove or replace it"
+    return None
+
+
 def acquire_lock(path):
-    """An exclusive lock held for the life of the process; the pid of the holder if taken."""
-    handle = open(path, "a+")
+    """(handle, None) holding an exclusive lock for the life of the process, or (None, the pid the
+    holder wrote, printable) if another instance holds it. Raises LockError for a lock another user
+    could plant, hold, replace or redirect: the file must be opened without following a symbolic
+    link, be a regular file of this user with one link, not writable by group or others, in a
+    directory (created 0700 if missing) that belongs to this user or root and whose entries others
+    cannot remove (not writable by them, or sticky like /tmp). Such a file is the only one it ever
+    truncates. A lock file readable by others (an older version created it 0644) is made 0600; if
+    it is held at that moment, the holder may be anyone, so that is a LockError too."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        if not os.path.isdir(directory):
+            os.mkdir(directory, 0o700)
+        folder = os.stat(directory)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        link = " (a symbolic link, not followed)" if exc.errno == errno.ELOOP else ""
+        raise LockError(f"cannot open the lock file {path}{link}: {exc.strerror}") from None
+    status = os.fstat(fd)
+    mode = stat.S_IMODE(status.st_mode)
+    problem = lock_file_problem(status, directory, folder)
+    if problem:
+        os.close(fd)
+        raise LockError(f"the lock file {path} {problem}, so another user could plant, hold or "
+                        "remove it; use a private directory (SYNC_LOCK_FILE)")
+    if mode & 0o077:
+        os.fchmod(fd, 0o600)
+    handle = os.fdopen(fd, "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
+        holder = printable(handle.read(40).strip()) or "unknown"
         handle.close()
+        if mode & 0o077:
+            raise LockError(f"the lock file {path} is held, but it was readable by others (mode "
+                            f"{mode:04o}), so the holder (pid {holder}?) may be anyone's process; "
+                            "it is 0600 now: stop the other instance, or remove the file") from None
         return None, holder
     handle.seek(0)
     handle.truncate()
@@ -3567,18 +3914,42 @@ def acquire_lock(path):
     return handle, None
 
 
+class PrivateLogFile(logging.handlers.WatchedFileHandler):
+    """SYNC_LOG_FILE: a WatchedFileHandler (reopened when logrotate has moved the file away) that
+    creates the file 0600 and opens no symbolic link, and only a file of its own (own_file_problem):
+    root would otherwise append to whatever file another user points it at."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        problem = own_file_problem(os.fstat(fd))
+        if problem:
+            os.close(fd)
+            raise OSError(errno.EPERM, f"{problem}, so it is not written")
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines whose message is printable(): what servers and files said cannot forge a line."""
+
+    def formatMessage(self, record):
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(settings):
+    """Raises OSError if SYNC_LOG_FILE cannot be opened (see PrivateLogFile)."""
     handlers = [logging.StreamHandler(sys.stderr)]
     if settings.sync_log_file:
-        # Reopened when logrotate has moved it away (its default, "create"); safe with --workers,
-        # whose processes all write this file.
-        handlers.append(logging.handlers.WatchedFileHandler(settings.sync_log_file))
-    logging.basicConfig(level=settings.sync_log_level, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s [%(process)d] %(message)s")
+        # Safe with --workers, whose processes all append to this file.
+        handlers.append(PrivateLogFile(settings.sync_log_file))
+    logging.basicConfig(level=settings.sync_log_level, handlers=handlers, force=True)
     # The SDK is chatty at INFO and repeats each failing request: keep its warnings, once a minute.
     logging.getLogger("aliyun").setLevel(logging.WARNING)
+    formatter = PrintableFormatter("%(asctime)s %(levelname)s [%(process)d] %(message)s")
     sdk_filter = SdkLogFilter()
     for handler in handlers:
+        handler.setFormatter(formatter)
         handler.addFilter(sdk_filter)
 
 
@@ -3618,7 +3989,12 @@ def main(argv=None):
         for problem in exc.problems:
             print(f"setting error: {problem}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
-    setup_logging(settings)
+    try:
+        setup_logging(settings)
+    except OSError as exc:
+        print(f"setting error: SYNC_LOG_FILE: cannot open {settings.sync_log_file!r}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_BAD_SETTINGS
     secret_files = [settings.sls_ak_key_file, settings.sls_sts_token_file]
     if os.path.isfile(env_file):
         secret_files.append(env_file)
@@ -3629,17 +4005,24 @@ def main(argv=None):
         return EXIT_FAILURE
     if args.check:
         return check(settings)
+    if not args.dry_run:
+        refused = refused_statement(settings)
+        if refused:
+            print(f"setting error: {printable(refused)}", file=sys.stderr)
+            return EXIT_BAD_SETTINGS
+        try:
+            lock, holder = acquire_lock(settings.sync_lock_file)
+        except LockError as exc:
+            print(printable(exc), file=sys.stderr)
+            return EXIT_FAILURE
+        if lock is None:
+            print(f"another instance is running (pid {holder}) for consumer {settings.sls_consumer_name}; "
+                  f"lock {settings.sync_lock_file}", file=sys.stderr)
+            return EXIT_OK
+    if plain_http_warning(settings):  # once at start, by every process that starts working
+        log.warning("%s", plain_http_warning(settings))
     if args.dry_run:
         return dry_run(settings)
-    refused = refused_statement(settings)
-    if refused:
-        print(f"setting error: {refused}", file=sys.stderr)
-        return EXIT_BAD_SETTINGS
-    lock, holder = acquire_lock(settings.sync_lock_file)
-    if lock is None:
-        print(f"another instance is running (pid {holder}) for consumer {settings.sls_consumer_name}; "
-              f"lock {settings.sync_lock_file}", file=sys.stderr)
-        return EXIT_OK
     count = worker_count(settings)
     return run_workers(settings, count, environment) if count > 1 else run(settings)
 

@@ -52,3 +52,11 @@ def resolver(fwd, name, addresses):
                 for address in addresses]
 
     socket.getaddrinfo = answer
+
+
+def endless_encoding(fwd):
+    """Encoding a batch never ends, as with a log that makes the encoder work for ever."""
+    def endless(self, groups):
+        threading.Event().wait()
+
+    fwd.MessageEncoder.encode = endless

@@ -69,8 +69,13 @@ A fault object (every key but "op" optional):
     {"op": "pull|heartbeat|checkpoint|get_checkpoint|cursor|cursor_time|put|list_shards|
             list_cg|create_cg|update_cg|delete_cg|any",
      "action": "error" (default) | "invalid_cursor" (400 InvalidCursor) | "drop" (close the
-               connection without an answer) | "delay" (only the latency, then the normal answer),
+               connection without an answer) | "delay" (only the latency, then the normal answer)
+               | "replace" (the normal answer, changed as "headers" and "body" say: answers no
+               real SLS sends, a forger's or a broken proxy's, to test a client's defences),
      "status": 500, "errorCode": "InternalServerError", "errorMessage": "...",  (for "error")
+     "headers": {"name": "value" or null}, set over the answer's headers (names matched without
+               regard to case; null removes one), "body": base64 of the bytes sent instead of
+               the answer's body; Content-Length follows the body  (for "replace"),
      "latency": seconds to wait before acting,
      "count": apply to the next N matching requests only,
      "fraction": apply to this share of matching requests, deterministically (0.25 = every 4th),
@@ -257,7 +262,7 @@ HASH_KEY_SPACE = 1 << 128
 
 FAULT_OPS = ("pull", "heartbeat", "checkpoint", "get_checkpoint", "cursor", "cursor_time", "put",
              "list_shards", "list_cg", "create_cg", "update_cg", "delete_cg", "any")
-FAULT_ACTIONS = ("error", "invalid_cursor", "drop", "delay")
+FAULT_ACTIONS = ("error", "invalid_cursor", "drop", "delay", "replace")
 
 
 class SlsError(Exception):
@@ -700,11 +705,13 @@ class Fault:
     shard: Optional[int]
     consumer: Optional[str]
     expires_at: Optional[float]
+    headers: dict = field(default_factory=dict)  # "replace": name -> value, or None to remove it
+    body: Optional[bytes] = None                 # "replace": the body sent instead
     matched: int = 0   # matching requests seen while active
     applied: int = 0
 
     SPEC_KEYS = {"op", "action", "status", "errorCode", "errorMessage", "latency", "count",
-                 "fraction", "shard", "consumer", "duration"}
+                 "fraction", "shard", "consumer", "duration", "headers", "body"}
 
     @classmethod
     def from_spec(cls, spec: dict, fault_id: int, now: float) -> "Fault":
@@ -731,12 +738,19 @@ class Fault:
         if count is not None and (not isinstance(count, int) or count < 0):
             raise ValueError(f"count must be a non-negative int, got {count!r}")
         duration = spec.get("duration")
+        headers = spec.get("headers", {})
+        if not isinstance(headers, dict) or not all(
+                isinstance(name, str) and (value is None or isinstance(value, str))
+                for name, value in headers.items()):
+            raise ValueError(f"headers must map names to strings or null, got {headers!r}")
+        body = spec.get("body")
         return cls(id=fault_id, op=op, action=action, status=status,
                    error_code=str(spec.get("errorCode", defaults[1])),
                    error_message=str(spec.get("errorMessage", defaults[2])),
                    latency=float(spec.get("latency", 0)), count=count, fraction=fraction,
                    shard=spec.get("shard"), consumer=spec.get("consumer"),
-                   expires_at=None if duration is None else now + float(duration))
+                   expires_at=None if duration is None else now + float(duration),
+                   headers=headers, body=None if body is None else base64.b64decode(body, validate=True))
 
     def active(self, now: float) -> bool:
         return ((self.count is None or self.applied < self.count)
@@ -746,6 +760,17 @@ class Fault:
         return (self.op in ("any", op)
                 and (self.shard is None or self.shard == shard)
                 and (self.consumer is None or self.consumer == consumer))
+
+    def replace(self, reply: "Reply") -> "Reply":
+        """The answer changed as a "replace" fault says."""
+        for name, value in self.headers.items():
+            for existing in [key for key in reply.headers if key.lower() == name.lower()]:
+                del reply.headers[existing]
+            if value is not None:
+                reply.headers[name] = value
+        if self.body is not None:
+            reply.body = self.body
+        return reply
 
     def take(self) -> bool:
         """Count a matching request; True if the fault applies to it."""
@@ -760,7 +785,8 @@ class Fault:
         return {"id": self.id, "op": self.op, "action": self.action, "status": self.status,
                 "errorCode": self.error_code, "errorMessage": self.error_message,
                 "latency": self.latency, "count": self.count, "fraction": self.fraction,
-                "shard": self.shard, "consumer": self.consumer,
+                "shard": self.shard, "consumer": self.consumer, "headers": self.headers,
+                "body_bytes": None if self.body is None else len(self.body),
                 "seconds_left": None if self.expires_at is None else round(self.expires_at - now, 3),
                 "active": self.active(now), "matched": self.matched, "applied": self.applied}
 
@@ -877,6 +903,8 @@ class SlsService:
             time.sleep(fault.latency)
             if fault.action == "drop":
                 return Reply(drop=True)
+            if fault.action == "replace":
+                return fault.replace(route.handler(route, params, headers, body))
             if fault.action != "delay":
                 raise SlsError(fault.status, fault.error_code, fault.error_message)
         return route.handler(route, params, headers, body)

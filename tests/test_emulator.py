@@ -302,6 +302,24 @@ def test_fault_filters_actions_and_clearing(emulator, client):
     assert emulator.state()["faults"] == []
 
 
+def test_a_replace_fault_changes_the_answer_as_asked(emulator, client):
+    emulator.add_logs(realistic_logs(40))
+    begin = client.get_begin_cursor(PROJECT, LOGSTORE, 0).get_cursor()
+    real = client.pull_logs(PROJECT, LOGSTORE, 0, begin)
+    raw = real.get_loggroup_list().SerializeToString()
+    emulator.inject(op="pull", shard=0, action="replace", count=1,
+                    headers={"X-Log-Cursor": "Zm9yZ2Vk", "x-log-compresstype": None, "x-log-bodyrawsize": str(len(raw))},
+                    body=base64.b64encode(raw).decode())
+    forged = client.pull_logs(PROJECT, LOGSTORE, 0, begin)  # the same logs, uncompressed, another cursor
+    assert forged.get_next_cursor() == "Zm9yZ2Vk" != real.get_next_cursor()
+    assert "x-log-compresstype" not in {name.lower() for name in forged.get_all_headers()}
+    assert forged.get_log_count() == real.get_log_count() == 10
+    assert client.pull_logs(PROJECT, LOGSTORE, 0, begin).get_next_cursor() == real.get_next_cursor()
+    for bad in ({"headers": {"a": 1}}, {"headers": ["a"]}, {"body": "not base64!"}):
+        with pytest.raises(ValueError):
+            emulator.inject(op="pull", action="replace", **bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line program.
 

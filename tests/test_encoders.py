@@ -270,12 +270,13 @@ def pull_response(raw):
                                  "x-log-cursor": "MTA="})
 
 
-def test_the_processor_reads_the_pull_body_without_the_sdks_parse():
+def test_a_pull_body_is_read_without_the_sdks_parse():
     raw = pull_body(realistic_logs(3))
     forwarder = fwd.Forwarder(make_settings(), stop=None)
     processor = fwd.WafLogProcessor(forwarder)
     processor.shard_id = 0  # what the SDK's initialize() sets
     response = pull_response(raw)
+    response.log_groups = fwd.read_pull(response)  # as ResilientConsumerClient.pull_logs reads every pull
     pull = processor._preprocessor(response)
     assert response._raw_uncompressed_body is raw  # the SDK did not parse it (it drops the body when it does)
     assert pull.filtered_by_sls == 0

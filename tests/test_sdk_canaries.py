@@ -17,6 +17,7 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 from aliyun.log import LogClient
 from aliyun.log.consumer import ConsumerProcessorBase, ConsumerWorker, CursorPosition, LogHubConfig
 from aliyun.log.consumer.checkpoint_tracker import ConsumerCheckpointTracker
@@ -322,6 +323,28 @@ def canary_shard_id(emulator, processor_class):
     return ok, f"(processor shard_id, tracker shard) seen: {sorted({(s, t) for s, t, _ in processed})}"
 
 
+def canary_session(emulator, log_client_class):
+    """A LogClient sends every request through its requests Session (_session), so the response
+    hook bound_answers adds there sees every answer before its body is read."""
+    client = log_client_class(emulator.endpoint, AKID, SECRET)
+    seen = []
+    client._session.hooks["response"].append(lambda response, **_: seen.append(response.status_code))
+    client.list_shards(PROJECT, LOGSTORE)
+    cursor = client.get_cursor(PROJECT, LOGSTORE, 0, "begin").get_cursor()
+    client.pull_logs(PROJECT, LOGSTORE, 0, cursor, count=2)
+    return seen == [200, 200, 200], f"the session's hook saw {seen} for 3 requests"
+
+
+def canary_mclient(emulator, consumer_client_class):
+    """A ConsumerClient pulls through its LogClient, mclient (the one bound_answers bounds)."""
+    client = consumer_client_class(emulator.endpoint, AKID, SECRET, PROJECT, LOGSTORE, GROUP, "canary")
+    seen = []
+    client.mclient._session.hooks["response"].append(lambda response, **_: seen.append(response.status_code))
+    cursor = client.get_begin_cursor(0)
+    client.pull_logs(0, cursor, count=2)
+    return seen == [200, 200], f"mclient's session saw {seen} for a cursor and a pull"
+
+
 # ------------------------------------------------------------------------------------------------
 # Broken stand-ins: each breaks the one thing its canary watches
 # ------------------------------------------------------------------------------------------------
@@ -437,6 +460,20 @@ class ForgetsItsShard(Probe):
         pass
 
 
+class SessionPerRequest(LogClient):
+    def _get_http_sender(self, method):
+        return getattr(requests, method.lower())  # what the SDK does with keep-alive off
+
+
+class PullsThroughAnotherClient(ConsumerClient):
+    def __init__(self, endpoint, access_key_id, access_key, *args, **kwargs):
+        super().__init__(endpoint, access_key_id, access_key, *args, **kwargs)
+        self.puller = LogClient(endpoint, access_key_id, access_key)
+
+    def pull_logs(self, shard_id, cursor, end_cursor=None, count=1000, query=None, processor=None):
+        return self.puller.pull_logs(self.mproject, self.mlogstore, shard_id, cursor, count)
+
+
 CANARIES = {  # (canary, the real SDK class, its broken stand-in)
     "preprocessor": (canary_preprocessor, ShardConsumerWorker, IgnoresThePreprocessor),
     "raw body": (canary_raw_body, PullLogResponse, ParsesAtOnce),
@@ -451,6 +488,8 @@ CANARIES = {  # (canary, the real SDK class, its broken stand-in)
     "tracker": (canary_tracker, ConsumerCheckpointTracker, FlushesWithoutTheLock),
     "shut_down_flag": (canary_shut_down_flag, ConsumerWorker, IgnoresShutDownFlag),
     "shard_id": (canary_shard_id, Probe, ForgetsItsShard),
+    "session": (canary_session, LogClient, SessionPerRequest),
+    "mclient": (canary_mclient, ConsumerClient, PullsThroughAnotherClient),
 }
 
 
