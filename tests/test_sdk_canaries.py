@@ -335,7 +335,7 @@ def canary_session(emulator, log_client_class):
     return seen == [200, 200, 200], f"the session's hook saw {seen} for 3 requests"
 
 
-def canary_mclient(emulator, consumer_client_class):
+def canary_pulls_through_mclient(emulator, consumer_client_class):
     """A ConsumerClient pulls through its LogClient, mclient (the one bound_answers bounds)."""
     client = consumer_client_class(emulator.endpoint, AKID, SECRET, PROJECT, LOGSTORE, GROUP, "canary")
     seen = []
@@ -489,7 +489,7 @@ CANARIES = {  # (canary, the real SDK class, its broken stand-in)
     "shut_down_flag": (canary_shut_down_flag, ConsumerWorker, IgnoresShutDownFlag),
     "shard_id": (canary_shard_id, Probe, ForgetsItsShard),
     "session": (canary_session, LogClient, SessionPerRequest),
-    "mclient": (canary_mclient, ConsumerClient, PullsThroughAnotherClient),
+    "pulls through mclient": (canary_pulls_through_mclient, ConsumerClient, PullsThroughAnotherClient),
 }
 
 
