@@ -810,7 +810,7 @@ class _SettingsReader:
         if workers != "auto":
             workers = self.number("SYNC_WORKERS", 1, 1, 256)
         include, exclude, rename = self.field_selection()
-        endpoint = self.required("SLS_ENDPOINT")
+        endpoint = self.endpoint("SLS_ENDPOINT")
         settings = Settings(
             sls_endpoint=endpoint,
             **self.sls_credentials(endpoint),

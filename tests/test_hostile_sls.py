@@ -23,7 +23,7 @@ from tests.waf_logs import realistic_logs, write_jsonl
 BOMB_BYTES = 256 << 20  # what each bomb expands to: four times MAX_PULL_BYTES
 RSS_BOUND_KB = 300 << 10  # README.md, "Security": the forwarder's peak resident size under bombs
 STOP_TIMEOUT = fwd.Settings.from_environment(dict(
-    SLS_ENDPOINT="e", SLS_AK_ID="i", SLS_AK_KEY="k", SLS_PROJECT="p", SLS_LOGSTORE="l",
+    SLS_ENDPOINT="e", SLS_REGION="cn-hangzhou", SLS_AK_ID="i", SLS_AK_KEY="k", SLS_PROJECT="p", SLS_LOGSTORE="l",
     SYSLOG_HOST="h")).sync_stop_timeout  # SYNC_STOP_TIMEOUT's default
 
 
@@ -183,9 +183,9 @@ def test_forged_error_text_cannot_forge_a_check_line(make_emulator, tmp_path):
                                          ["--check"], timeout=60)
     lines = out.splitlines()
     assert status == 1, out + err
-    assert [line[:4] for line in lines] == ["WARN", "FAIL", "OK  "], out
+    assert [line[:4] for line in lines] == ["WARN", "OK  ", "FAIL", "OK  "], out  # the OK: credentials
     assert "plain HTTP" in lines[0]
-    assert "\\x0a" in lines[1] and "\\x1b[2J" in lines[1] and "\x1b" not in out and "\r" not in out
+    assert "\\x0a" in lines[2] and "\\x1b[2J" in lines[2] and "\x1b" not in out and "\r" not in out
 
 
 def test_printed_and_logged_text_has_its_control_characters_escaped():
@@ -236,7 +236,8 @@ def test_an_endpoint_without_a_scheme_is_reached_over_tls(endpoint, first_line, 
     proxy = RecordingProxy()
     try:
         proxy_url = f"http://127.0.0.1:{proxy.port}"
-        env = {"PATH": "/usr/bin:/bin", "SLS_ENDPOINT": endpoint, "SLS_AK_ID": "id", "SLS_AK_KEY": "secret",
+        env = {"PATH": "/usr/bin:/bin", "SLS_ENDPOINT": endpoint, "SLS_REGION": "cn-hangzhou", "SLS_AK_ID": "id",
+               "SLS_AK_KEY": "secret",
                "SLS_PROJECT": "waf-project", "SLS_LOGSTORE": "waf-logstore", "SLS_CONSUMER_NAME": "c",
                "SYSLOG_HOST": "127.0.0.1", "SYSLOG_PORT": "1", "HTTP_PROXY": proxy_url,
                "HTTPS_PROXY": proxy_url}

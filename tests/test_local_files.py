@@ -21,7 +21,7 @@ NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the tests chown files to "
                                                           "another user (nobody)")
 SECRET = "root's secret\n"
-SETTINGS = dict(SLS_ENDPOINT="sls.example.test", SLS_AK_ID="id", SLS_AK_KEY="key",
+SETTINGS = dict(SLS_ENDPOINT="sls.example.test", SLS_REGION="cn-hangzhou", SLS_AK_ID="id", SLS_AK_KEY="key",
                 SLS_PROJECT="waf-project", SLS_LOGSTORE="waf-logstore", SYSLOG_HOST="127.0.0.1")
 
 
