@@ -2706,12 +2706,14 @@ def replay_progress(shards, elapsed):
 
 
 def replay_line(shards, elapsed):
+    if not shards:
+        return "replay: no shard held yet"
     percent, done, total, rate, eta = replay_progress(shards, elapsed)
     per_shard = ", ".join(f"{shard}: {replay_progress({shard: shards[shard]}, elapsed)[0]:.0f}%"
                           for shard in sorted(shards, key=int))
     return (f"replay: {percent:.1f}% ({done} of {total} log groups done, {total - done} to go), "
             f"{rate:.0f} log groups/s, ETA {'-' if eta is None else datetime.timedelta(seconds=round(eta))}; "
-            f"shards {per_shard or '-'}")
+            f"shards {per_shard}")
 
 
 def replay_bar(shards, elapsed, width=30):
@@ -2888,7 +2890,7 @@ class ConsumerMonitor:
                 "loop_age": time.monotonic() - self.worker.last_round,
                 "held": sorted(self.worker.heart_beat.mheld_shards),
                 "failing_for": self.forwarder.stats.failing_for(), "counters": counters,
-                "lag": {str(shard): seconds for shard, seconds in lag.items()}, "gauges": gauges,
+                "lag": {str(shard): round(seconds, 3) for shard, seconds in lag.items()}, "gauges": gauges,
                 "replay": {"shards": self.replay.shards()} if self.replay else None}
 
     def tick(self, now):
