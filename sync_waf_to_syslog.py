@@ -15,8 +15,15 @@ RUN
   python sync_waf_to_syslog.py              run until SIGTERM / SIGINT (Ctrl-C), then exit 0
   python sync_waf_to_syslog.py --check      check settings, SLS access and the syslog connection
   python sync_waf_to_syslog.py --dry-run    print the messages that would be sent next; send nothing
+  python sync_waf_to_syslog.py --progress   a replay (SLS_CURSOR_END) with a live progress bar
   Settings come from the environment, or from a `.env` file beside this script (or --env-file);
-  a variable set in the real environment wins over the file.
+  a variable set in the real environment wins over the file. Of the file's values only the proxy
+  variables (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY, also in lower case) are exported to the
+  process environment, where the SDK reads them.
+  The log says which shards this consumer took (and each later change), the statistics line comes
+  after 10 s and then every SYNC_STATS_INTERVAL, and while syslog fails it ends with "syslog
+  failing for N s". Under systemd (Type=notify) it sends READY=1 once its first heartbeat is
+  answered, STATUS= with the statistics line, and WATCHDOG=1 (WatchdogSec=) while its loop runs.
 
 EXIT STATUS
   0  stopped on request, finished a replay (SLS_CURSOR_END), or another instance already runs
