@@ -2889,6 +2889,7 @@ class ConsumerMonitor:
         self.replay = ReplayProgress(settings, forwarder) if settings.sls_cursor_end else None
         self.reporter = None if status_file else Reporter(settings, lambda: [self.snapshot()], progress_bar)
         self.next_snapshot = 0.0
+        self.warned = RateLimiter(60)
 
     def snapshot(self):
         counters, lag, gauges = self.forwarder.stats.snapshot()
@@ -2918,8 +2919,12 @@ class ConsumerMonitor:
         if self.reporter:
             self.reporter.tick(f"consumer {name} holds shards {held}")
         elif now >= self.next_snapshot:
-            write_snapshot(self.status_file, self.snapshot())
             self.next_snapshot = now + self.SNAPSHOT_INTERVAL
+            try:
+                write_snapshot(self.status_file, self.snapshot())
+            except OSError as exc:  # the supervisor then reports this worker as silent
+                if self.warned.ready("snapshot"):
+                    log.warning("cannot write %s for the supervisor: %s", self.status_file, describe_error(exc))
 
     def report(self, line):
         """The statistics line (and the replay's progress line): logged, and systemd's STATUS=."""
@@ -3051,7 +3056,8 @@ def supervise(settings, worker, forwarder, stop, monitor):
     The thread's loop goes round every SLS_FETCH_INTERVAL (the work itself runs in the pool), so a
     loop that has not gone round for 10 heartbeat intervals is stuck, and its shards, which the
     heartbeat keeps holding, would be read by nobody."""
-    next_stats = time.monotonic() + min(FIRST_STATS_AFTER, settings.sync_stats_interval or float("inf"))
+    next_stats = time.monotonic() + (min(FIRST_STATS_AFTER, settings.sync_stats_interval)
+                                     if settings.sync_stats_interval else float("inf"))
     stuck_after = 10 * settings.sls_heartbeat_interval
     last_check = time.monotonic()
     while not stopped(stop, 0.5):
