@@ -16,10 +16,18 @@ RUN
   python sync_waf_to_syslog.py              run until SIGTERM / SIGINT (Ctrl-C), then exit 0
   python sync_waf_to_syslog.py --check      check settings, SLS access and every syslog collector
   python sync_waf_to_syslog.py --dry-run    print the messages that would be sent next; send nothing
+  python sync_waf_to_syslog.py --progress   a replay (SLS_CURSOR_END) with a live progress bar
   Settings come from the environment, or from a `.env` file beside this script (or --env-file);
   a variable set in the real environment wins over the file. The file must belong to you or root
   and not be writable by group or others (it can set every variable), as must the TLS files.
   A stop (SIGTERM / SIGINT) takes at most SYNC_STOP_TIMEOUT seconds, whatever a batch is doing.
+  Of the file's values only the proxy
+  variables (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY, also in lower case) are exported to the
+  process environment, where the SDK reads them.
+  The log says which shards this consumer took (and each later change), the statistics line comes
+  after 10 s and then every SYNC_STATS_INTERVAL, and while syslog fails it ends with "syslog
+  failing for N s". Under systemd (Type=notify) it sends READY=1 once its first heartbeat is
+  answered, STATUS= with the statistics line, and WATCHDOG=1 (WatchdogSec=) while its loop runs.
 
 EXIT STATUS
   0  stopped on request, finished a replay (SLS_CURSOR_END), or another instance already runs
@@ -161,6 +169,10 @@ SETTINGS: this program
   SYNC_WORKERS            consumer processes on this host, or auto = one per CPU core but no more
                           than shards (--workers); each is consumer {SLS_CONSUMER_NAME}-{i},
                           restarted if it dies                                          default 1
+  SYNC_METRICS_ADDR       host:port to serve /metrics (Prometheus) and /healthz on, e.g.
+                          127.0.0.1:9108 (:9108 = every interface); with --workers one endpoint,
+                          served by the supervisor, covers every worker        default off
+  SYNC_HEALTH_FAILING_AFTER  seconds syslog may fail before /healthz answers 503    default 300
 
 MESSAGE
   One message per log. RFC 5424: <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID - - MSG, where TIMESTAMP is
@@ -192,6 +204,7 @@ import argparse
 import base64
 import calendar
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -200,6 +213,7 @@ import fcntl
 import fnmatch
 import functools
 import http.client
+import http.server
 import ipaddress
 import itertools
 import json
@@ -426,6 +440,8 @@ class Settings:
     sync_stats_interval: float
     sync_stop_timeout: float
     sync_workers: object           # a count, or "auto" = min(CPU cores, shards)
+    sync_metrics_addr: tuple       # (host, port) of /metrics and /healthz; () = off
+    sync_health_failing_after: float
 
     @classmethod
     def from_environment(cls, env):
@@ -736,6 +752,17 @@ class _SettingsReader:
                 fields.append((field_name.strip(), value.strip()))
         return tuple(fields)
 
+    def listen_address(self, name):
+        """host:port (host empty = every interface; [v6 address]:port) as (host, port); () if unset."""
+        raw = self.text(name)
+        if not raw:
+            return ()
+        host, colon, port = raw.rpartition(":")
+        if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
+            self.problems.append(f"{name}: {raw!r} is not host:port, e.g. 127.0.0.1:9108 or :9108")
+            return ()
+        return host.strip("[]"), int(port)
+
     def consume_processor(self):
         """SLS_CONSUME_PROCESSOR; SLS takes either it or SLS_QUERY, not both."""
         name = self.text("SLS_CONSUME_PROCESSOR")
@@ -862,6 +889,8 @@ class _SettingsReader:
             sync_stats_interval=self.number("SYNC_STATS_INTERVAL", 60.0, 0, 86400, float),
             sync_stop_timeout=self.number("SYNC_STOP_TIMEOUT", 30.0, 1, 3600, float),
             sync_workers=workers,
+            sync_metrics_addr=self.listen_address("SYNC_METRICS_ADDR"),
+            sync_health_failing_after=self.number("SYNC_HEALTH_FAILING_AFTER", 300.0, 1, 86400, float),
         )
         if protocol in TLS_PROTOCOLS and not self.problems:
             self.check_tls_files(settings)
@@ -901,6 +930,19 @@ def load_env_file(path, environ):
         raise SettingsError([f"{path}: cannot read it: {exc}"]) from None
     values.update(environ)
     return values
+
+
+# The SDK's HTTP library (requests) reads its proxy from the process environment only.
+PROXY_VARIABLES = tuple(name for upper in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+                        for name in (upper, upper.lower()))
+
+
+def export_proxy_variables(environment):
+    """Put the proxy variables a .env file sets into os.environ, where the SDK finds them (the
+    real environment still wins). Other .env values stay settings only: not exported."""
+    for name in PROXY_VARIABLES:
+        if name in environment:
+            os.environ.setdefault(name, environment[name])
 
 
 # ================================================================================================
@@ -2848,26 +2890,56 @@ def warn_if_readable_by_others(paths):
 # ================================================================================================
 
 class Stats:
-    """Counters for the periodic statistics line (thread-safe)."""
+    """Counters for the periodic statistics line and /metrics (thread-safe). Every counter of
+    `totals` is exported as sync_waf_to_syslog_<name>_total; `gauges` holds what other code sets
+    with set_gauge / set_info (e.g. the syslog target)."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.totals = dict(logs=0, bytes=0, send_errors=0, resent=0, truncated=0, filtered=0,
-                           filtered_by_sls=0, failed_pulls=0)
+                           filtered_by_sls=0, failed_pulls=0, checkpoint_writes=0, checkpoint_failures=0)
         self.newest = {}  # shard -> time of the newest log sent
         self.since = time.monotonic()
         self.reported = dict(self.totals)
+        self.failing_since = None  # when the first send error since the last delivered batch came
+        self.gauges = {}  # (name, ((label, value), ...)) -> number
 
     def add(self, **counts):
         with self.lock:
             for name, count in counts.items():
                 self.totals[name] += count
+            if counts.get("send_errors") and self.failing_since is None:
+                self.failing_since = time.monotonic()
 
     def sent(self, shard, messages, newest):
         with self.lock:
             self.totals["logs"] += len(messages)
             self.totals["bytes"] += sum(map(len, messages))
             self.newest[shard] = max(newest, self.newest.get(shard, 0))
+            if messages:  # the syslog server took a batch: an outage is over
+                self.failing_since = None
+
+    def failing_for(self):
+        """Seconds since syslog sends began to fail without a batch delivered since; 0 if none failed."""
+        since = self.failing_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def set_gauge(self, name, value, **labels):
+        with self.lock:
+            self.gauges[(name, tuple(sorted(labels.items())))] = value
+
+    def set_info(self, name, **labels):
+        """An info-style gauge: one series of `name`, with these labels and the value 1."""
+        with self.lock:
+            self.gauges = {key: value for key, value in self.gauges.items() if key[0] != name}
+            self.gauges[(name, tuple(sorted(labels.items())))] = 1
+
+    def snapshot(self):
+        """(counters, {shard: lag seconds}, [(gauge name, labels, value)]) as they are now."""
+        with self.lock:
+            now = time.time()
+            return (dict(self.totals), {shard: max(0.0, now - t) for shard, t in self.newest.items()},
+                    [(name, dict(labels), value) for (name, labels), value in self.gauges.items()])
 
     def line(self, active=None):
         """The statistics line; `active`: the syslog targets taking batches (several targets)."""
@@ -2881,7 +2953,8 @@ class Stats:
             return (f"stats: {rate['logs']:.0f} logs/s, {rate['bytes']:.0f} bytes/s, total {t['logs']} logs, "
                     f"lag {lag or '-'}, send errors {t['send_errors']}, resent {t['resent']}, "
                     f"truncated {t['truncated']}, filtered {t['filtered']}, filtered by SLS {t['filtered_by_sls']}, "
-                    f"failed pulls {t['failed_pulls']}" + (f", active {active}" if active else ""))
+                    f"failed pulls {t['failed_pulls']}" + (f", active {active}" if active else "")
+                    + (f", syslog failing for {now - self.failing_since:.0f} s" if self.failing_since is not None else ""))
 
 
 Pull = collections.namedtuple("Pull", "groups filtered_by_sls")
@@ -2975,8 +3048,15 @@ class Forwarder:
         self.ceiling = EventsPerSecond(settings) if settings.syslog_max_eps else None
         self.trackers = {}  # shard -> checkpoint tracker of its processor
         self.encoding = {}  # shard -> (monotonic time, logs) of the batch being encoded (supervise)
+        self.note_syslog_target()
+
+    def note_syslog_target(self):
+        """The syslog_target metric: the collector(s) taking batches now."""
+        active = self.delivery.pool.active() or f"{self.settings.syslog_host}:{self.settings.syslog_port}"
+        self.stats.set_info("syslog_target", target=active, protocol=self.settings.syslog_protocol)
 
     def stats_line(self):
+        self.note_syslog_target()
         return self.stats.line(self.delivery.pool.active())
 
     def send(self, messages):
@@ -3243,7 +3323,7 @@ class ResilientConsumerClient(ConsumerClient):
         self.mclient = sls_client(settings, credentials)  # every method sends through mclient
         self.mclient.set_user_agent(f"{USER_AGENT}-consumergroup-{settings.sls_cg}-{settings.sls_consumer_name}")
         self.credentials = credentials
-        self.stats = stats
+        self.stats = stats  # counts failed pulls, checkpoint writes and failures
         self.unsaved = {}  # shard -> (consumer, cursor) whose write failed
         self.unsaved_lock = threading.Lock()
         self.pull_failures = {}  # shard -> (failed pulls in a row, monotonic time of the next try)
@@ -3335,12 +3415,14 @@ class ResilientConsumerClient(ConsumerClient):
             super().update_check_point(shard, consumer, check_point)
         except LogException as exc:
             self.note_refusal(exc)
+            self.stats.add(checkpoint_failures=1)
             with self.unsaved_lock:
                 self.unsaved[shard] = (consumer, check_point)
             if self.warned.ready("checkpoint"):
                 log.warning("cannot save checkpoints in SLS (%s: %s); keeping them to retry "
                             "with the next write", exc.get_error_code(), exc.get_error_message())
             return
+        self.stats.add(checkpoint_writes=1)
         with self.unsaved_lock:
             self.unsaved.pop(shard, None)
             retry = list(self.unsaved.items())
@@ -3447,6 +3529,8 @@ def sdk_internals():
          ConsumerClient, "pull_logs", {"mclient"}),
         ("LogClient sends every request through its requests Session, _session (bound_answers)",
          LogClient, "_get_http_sender", {"_session"}),
+        ("the heartbeat notes when SLS answered it in last_hearbeat_successed_unixtime (ConsumerMonitor)",
+         ConsumerHeatBeat, "run", {"last_hearbeat_successed_unixtime"}),
     ]
 
 
@@ -3465,6 +3549,479 @@ def check_sdk():
                     f"{SDK_TESTED_VERSION}: install that (pip install -r requirements.txt) or see "
                     "README.md, 'Upgrading the SDK'")
     return None
+
+
+# ================================================================================================
+# Operating it: start and assignment lines, /metrics and /healthz, systemd, replay progress
+# ================================================================================================
+# A consumer process (ConsumerMonitor) describes itself in a snapshot: a dict of plain values. The
+# metrics, the health verdict, systemd's notifications and the replay progress are made from
+# snapshots by one Reporter, so that one process and the --workers supervisor, which reads the
+# snapshot file each worker writes (WorkersMonitor), report alike.
+
+METRICS_PREFIX = "sync_waf_to_syslog_"
+METRICS_HELP = {  # a counter of Stats.totals not listed here is exported all the same
+    "logs_total": "logs sent to the syslog server",
+    "bytes_total": "bytes of syslog messages sent",
+    "send_errors_total": "failed syslog sends (each batch is retried until it is accepted)",
+    "resent_total": "messages sent again after a failure",
+    "truncated_total": "messages cut to SYSLOG_MAX_MESSAGE_SIZE",
+    "filtered_total": "logs not sent because of SLS_TOPICS or customize()",
+    "filtered_by_sls_total": "logs SLS_QUERY or SLS_CONSUME_PROCESSOR left out",
+    "checkpoint_writes_total": "checkpoints saved in SLS",
+    "checkpoint_failures_total": "checkpoint writes that failed (kept and retried)",
+    "lag_seconds": "now minus the time of the newest log sent, per shard",
+    "shard_held": "1 for each shard held",
+    "shards_held": "number of shards held",
+    "syslog_failing_seconds": "how long syslog sends have been failing; 0 while they succeed",
+    "syslog_target": "the syslog server the messages go to",
+    "consumer_loop_age_seconds": "seconds since the consumer loop last went round",
+    "replay_log_groups": "SLS_CURSOR_END: log groups to replay, per shard",
+    "replay_done_log_groups": "SLS_CURSOR_END: log groups replayed, per shard",
+    "healthy": "1 while /healthz answers 200",
+}
+STUCK_AFTER_MIN = 10     # /healthz: a loop that did not go round for this long (and 2 heartbeats) is stuck
+REPORT_STALE_AFTER = 10  # seconds: a worker whose snapshot is older than this hangs
+
+
+def empty_snapshot(worker, written):
+    """The snapshot of a consumer that has not described itself yet."""
+    return {"worker": worker, "written": written, "ready": False, "loop_age": 0.0, "held": [],
+            "failing_for": 0.0, "counters": {}, "lag": {}, "gauges": [], "replay": None}
+
+
+def write_snapshot(path, snapshot):
+    """Replace the file in one step (a 0600 file beside it, renamed), so readers never see half."""
+    temporary = f"{path}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as file:
+        json.dump(snapshot, file)
+    os.replace(temporary, path)
+
+
+def read_snapshot(path):
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
+
+
+def health_problems(snapshots, settings, now):
+    """Why /healthz answers 503, one line each; [] while every consumer is consuming and delivering."""
+    if not snapshots:
+        return ["no consumer process is running"]
+    stuck_after = max(STUCK_AFTER_MIN, 2 * settings.sls_heartbeat_interval)
+    problems = []
+    for snapshot in snapshots:
+        who = f"worker {snapshot['worker']}" if snapshot["worker"] else "consumer"
+        age = max(0.0, now - snapshot["written"])
+        if age > REPORT_STALE_AFTER:
+            problems.append(f"{who}: no report for {age:.0f} s")
+        elif not snapshot["ready"]:
+            problems.append(f"{who}: has not joined the consumer group yet")
+        elif snapshot["loop_age"] + age > stuck_after:
+            problems.append(f"{who}: the consumer loop is stuck ({snapshot['loop_age'] + age:.0f} s)")
+        if snapshot["failing_for"] and snapshot["failing_for"] + age > settings.sync_health_failing_after:
+            problems.append(f"{who}: syslog failing for {snapshot['failing_for'] + age:.0f} s "
+                            f"(SYNC_HEALTH_FAILING_AFTER={settings.sync_health_failing_after:g})")
+    if not problems and not any(snapshot["held"] for snapshot in snapshots):
+        problems.append("no shard held")
+    return problems
+
+
+def progressing(snapshots, now, window):
+    """Whether every consumer's loop went round in the last `window` seconds."""
+    return bool(snapshots) and all(now - s["written"] + s["loop_age"] < window for s in snapshots)
+
+
+_escape_label_value = replacer({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
+
+
+def metric_sample(name, labels, value):
+    """One line of the text format: name{label="value",...} value."""
+    text = ",".join(f'{label}="{_escape_label_value(str(v))}"' for label, v in labels.items())
+    return f"{METRICS_PREFIX}{name}{{{text}}} {value!r}" if text else f"{METRICS_PREFIX}{name} {value!r}"
+
+
+def render_metrics(snapshots, healthy):
+    """The Prometheus text format (0.0.4): every counter of Stats.totals as <name>_total, the
+    gauges, per shard where they are about shards; a `worker` label under --workers."""
+    families = collections.defaultdict(list)  # (name, type) -> [(labels, value)]
+    for snapshot in snapshots:
+        worker = {"worker": snapshot["worker"]} if snapshot["worker"] else {}
+        for name, value in snapshot["counters"].items():
+            families[(f"{name}_total", "counter")].append((worker, value))
+        for shard, lag in snapshot["lag"].items():
+            families[("lag_seconds", "gauge")].append(({**worker, "shard": shard}, lag))
+        for shard in snapshot["held"]:
+            families[("shard_held", "gauge")].append(({**worker, "shard": shard}, 1))
+        families[("shards_held", "gauge")].append((worker, len(snapshot["held"])))
+        families[("syslog_failing_seconds", "gauge")].append((worker, snapshot["failing_for"]))
+        families[("consumer_loop_age_seconds", "gauge")].append((worker, snapshot["loop_age"]))
+        for name, labels, value in snapshot["gauges"]:
+            families[(name, "gauge")].append(({**worker, **labels}, value))
+        for shard, (start, position, end) in ((snapshot["replay"] or {}).get("shards") or {}).items():
+            families[("replay_log_groups", "gauge")].append(({**worker, "shard": shard}, end - start))
+            families[("replay_done_log_groups", "gauge")].append(({**worker, "shard": shard}, position - start))
+    families[("healthy", "gauge")].append(({}, int(healthy)))
+    lines = []
+    for (name, kind), samples in families.items():
+        if name in METRICS_HELP:
+            lines.append(f"# HELP {METRICS_PREFIX}{name} {METRICS_HELP[name]}")
+        lines.append(f"# TYPE {METRICS_PREFIX}{name} {kind}")
+        lines += [metric_sample(name, labels, value) for labels, value in samples]
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    """SYNC_METRICS_ADDR: GET /metrics and GET /healthz (200 "ok", or 503 and one line per
+    problem) on a thread of its own, from report() -> (snapshots, problems). Binds at once, so a
+    taken port is an error at start."""
+
+    def __init__(self, address, report):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                if path not in ("/metrics", "/healthz"):
+                    return self.answer(404, "not found: try /metrics or /healthz\n")
+                snapshots, problems = report()
+                if path == "/metrics":
+                    return self.answer(200, render_metrics(snapshots, not problems),
+                                       "text/plain; version=0.0.4; charset=utf-8")
+                return self.answer(503 if problems else 200, "".join(f"{p}\n" for p in problems) or "ok\n")
+
+            def answer(self, status, text, content_type="text/plain; charset=utf-8"):
+                body = text.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass  # scrapes every few seconds would flood the log
+
+        server_class = type("Server", (http.server.ThreadingHTTPServer,), {
+            "daemon_threads": True, "address_family": socket.AF_INET6 if ":" in address[0] else socket.AF_INET})
+        self.server = server_class(address, Handler)
+        threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class SystemdNotifier:
+    """systemd's notification protocol (sd_notify(3)): datagrams of KEY=VALUE lines to the Unix
+    socket in $NOTIFY_SOCKET (an abstract one when it starts with @); nothing without it.
+    WatchdogSec= sets $WATCHDOG_USEC: WATCHDOG=1 is then due that often, and is sent at half of it."""
+
+    def __init__(self, environ):
+        path = environ.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + path[1:] if path.startswith("@") else path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if path else None
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        ours = not pid or pid == str(os.getpid())  # a watchdog meant for another process is not ours
+        self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and int(usec) and ours else None
+        self.next_ping = 0.0
+        self.warned = RateLimiter(60)
+
+    def send(self, *fields):
+        if self.sock is None:
+            return
+        try:
+            self.sock.sendto("\n".join(fields).encode(), self.address)
+        except OSError as exc:
+            if self.warned.ready("send"):
+                log.warning("cannot notify systemd through NOTIFY_SOCKET: %s", describe_error(exc))
+
+    def watchdog(self, progress, now):
+        """WATCHDOG=1 when one is due, but only while the consumer makes progress: a stuck process
+        lets the watchdog run out, and systemd restarts it (WatchdogSec=, Restart=)."""
+        if self.watchdog_interval and progress and now >= self.next_ping:
+            self.send("WATCHDOG=1")
+            self.next_ping = now + self.watchdog_interval
+
+
+def replay_progress(shards, elapsed):
+    """(percent, done, total, log groups/s, ETA seconds or None) of a replay from {shard: [start,
+    position, end]} cursor numbers."""
+    total = sum(end - start for start, _, end in shards.values())
+    done = sum(min(position, end) - start for start, position, end in shards.values())
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else None
+    return (100.0 * done / total if total else 100.0), done, total, rate, eta
+
+
+def replay_line(shards, elapsed):
+    if not shards:
+        return "replay: no shard held yet"
+    percent, done, total, rate, eta = replay_progress(shards, elapsed)
+    per_shard = ", ".join(f"{shard}: {replay_progress({shard: shards[shard]}, elapsed)[0]:.0f}%"
+                          for shard in sorted(shards, key=int))
+    return (f"replay: {percent:.1f}% ({done} of {total} log groups done, {total - done} to go), "
+            f"{rate:.0f} log groups/s, ETA {'-' if eta is None else datetime.timedelta(seconds=round(eta))}; "
+            f"shards {per_shard}")
+
+
+def replay_bar(shards, elapsed, width=30):
+    percent, done, total, _, eta = replay_progress(shards, elapsed)
+    filled = int(width * percent / 100)
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {percent:5.1f}% {done}/{total} log groups, "
+            f"ETA {'-' if eta is None else datetime.timedelta(seconds=round(eta))}")
+
+
+def group_checkpoints(client, settings):
+    """{shard: checkpoint cursor} of the consumer group; {} before the group exists."""
+    try:
+        return {item["shard"]: item["checkpoint"] for item in client.get_check_point(
+            settings.sls_project, settings.sls_logstore, settings.sls_cg).get_consumer_group_check_points() or []}
+    except LogException as exc:
+        if exc.get_error_code() != "ConsumerGroupNotExist":
+            raise
+        return {}
+
+
+def start_cursor(client, settings, shard, checkpoints):
+    """Where a shard's consumption starts: its checkpoint, or SLS_CURSOR_START."""
+    return checkpoints.get(shard) or client.get_cursor(
+        settings.sls_project, settings.sls_logstore, shard, settings.sls_cursor_start).get_cursor()
+
+
+class ReplayProgress:
+    """SLS_CURSOR_END: how far a replay has come. SLS cursors are consecutive numbers, one per
+    LogGroup (cursor_number), so a shard's replay runs from where it starts (its checkpoint, or
+    SLS_CURSOR_START) to the cursor of SLS_CURSOR_END, and its delivered checkpoint says where it
+    is. The bounds of each shard this process takes are asked from SLS once, on a thread."""
+
+    def __init__(self, settings, forwarder):
+        self.settings = settings
+        self.forwarder = forwarder
+        self.started = time.time()
+        self.lock = threading.Lock()
+        self.bounds = {}     # shard -> (start, end) cursor numbers
+        self.positions = {}  # shard -> delivered cursor number
+        self.asked = set()   # shards whose bounds are asked for or known
+        self.first_log_time = None  # receive time of the first LogGroup to replay
+        self.held = []
+
+    def update(self, held):
+        self.held = held
+        for shard, tracker in list(self.forwarder.trackers.items()):
+            number = cursor_number(tracker.get_check_point() or "")
+            if number is not None:
+                self.positions[shard] = number
+        new = sorted(set(held) - self.asked)
+        if new:
+            self.asked.update(new)
+            threading.Thread(target=self.ask_bounds, args=(new,), name="replay-bounds", daemon=True).start()
+
+    def ask_bounds(self, shards):
+        s = self.settings
+        try:
+            client = sls_client(s)
+            checkpoints = group_checkpoints(client, s)
+            for shard in shards:
+                start = start_cursor(client, s, shard, checkpoints)
+                end = client.get_cursor(s.sls_project, s.sls_logstore, shard, s.sls_cursor_end).get_cursor()
+                with self.lock:
+                    self.bounds[shard] = (cursor_number(start), cursor_number(end))
+                if cursor_number(start) < cursor_number(end):
+                    seconds = client.get_cursor_time(s.sls_project, s.sls_logstore, shard, start).get_cursor_time()
+                    self.first_log_time = min(seconds, self.first_log_time or seconds)
+        except LogException as exc:
+            log.warning("replay progress: cannot ask SLS where shards %s start and end (%s); no "
+                        "progress for them", shards, exc.get_error_code())
+
+    def shards(self, finished_too=False):
+        """{shard (text): [start, position, end]} of the shards held now whose bounds are known
+        (a shard taken over by another consumer is its to report), and of those finished."""
+        with self.lock:
+            shards = {str(shard): [start, min(max(self.positions.get(shard, start), start), end), end]
+                      for shard, (start, end) in self.bounds.items()}
+        return {shard: bounds for shard, bounds in shards.items()
+                if finished_too or int(shard) in self.held or bounds[1] == bounds[2]}
+
+    def line(self):
+        return replay_line(self.shards(), time.time() - self.started)
+
+    def final_line(self, sent):
+        """What was replayed, from the checkpoints saved in SLS (the last positions, which the
+        consumer no longer holds)."""
+        try:
+            for shard, cursor in group_checkpoints(sls_client(self.settings), self.settings).items():
+                if shard in self.bounds and cursor_number(cursor) is not None:
+                    self.positions[shard] = cursor_number(cursor)
+        except LogException as exc:
+            log.warning("replay progress: cannot read the saved checkpoints (%s)", exc.get_error_code())
+        shards = self.shards(finished_too=True)
+        percent, done, total, _, _ = replay_progress(shards, 1)
+        since = "" if self.first_log_time is None else \
+            f" received from {datetime.datetime.fromtimestamp(self.first_log_time).isoformat()}"
+        until = datetime.datetime.fromtimestamp(int(self.settings.sls_cursor_end)).isoformat()
+        return (f"replay {'finished' if done == total else 'stopped'}: {percent:.1f}% ({done} of {total} "
+                f"log groups) of shards {', '.join(sorted(shards, key=int)) or '-'}, logs{since} up to "
+                f"{until} (SLS_CURSOR_END); {sent} logs sent in {time.time() - self.started:.0f} s")
+
+
+class Reporter:
+    """Everything made from snapshots: the /metrics and /healthz endpoint (SYNC_METRICS_ADDR),
+    systemd's READY=1 (once every consumer holds its first heartbeat answer), STATUS= and
+    WATCHDOG=1 (while every consumer loop goes round), and the replay's live bar (--progress, on
+    a terminal). snapshots() is called from the endpoint's threads too."""
+
+    def __init__(self, settings, snapshots, progress_bar):
+        self.settings = settings
+        self.snapshots = snapshots
+        self.notifier = SystemdNotifier(os.environ)
+        self.server = MetricsServer(settings.sync_metrics_addr, self.report) if settings.sync_metrics_addr else None
+        self.progress_bar = progress_bar and bool(settings.sls_cursor_end) and sys.stderr.isatty()
+        self.started = time.time()
+        self.ready = False
+
+    def report(self):
+        snapshots = self.snapshots()
+        return snapshots, health_problems(snapshots, self.settings, time.time())
+
+    def tick(self, status):
+        """Called twice a second; `status` says in one line what the consumers do."""
+        snapshots, now = self.snapshots(), time.time()
+        if not self.ready and snapshots and all(s["ready"] for s in snapshots):
+            self.ready = True
+            self.notifier.send("READY=1", f"STATUS={status}")
+        self.notifier.watchdog(progressing(snapshots, now, max(2.0, self.notifier.watchdog_interval or 0)), now)
+        if self.progress_bar:
+            shards = {k: v for s in snapshots for k, v in ((s["replay"] or {}).get("shards") or {}).items()}
+            sys.stderr.write("\r\x1b[K" + replay_bar(shards, now - self.started))
+            sys.stderr.flush()
+
+    def status(self, line):
+        self.notifier.send(f"STATUS={line}")
+
+    def close(self):
+        self.notifier.send("STOPPING=1")
+        if self.progress_bar:
+            sys.stderr.write("\n")
+        if self.server:
+            self.server.close()
+
+
+def cannot_serve_metrics(settings, exc):
+    """The exit status after SYNC_METRICS_ADDR could not be bound (taken, or not this host's)."""
+    log.error("SYNC_METRICS_ADDR: cannot serve /metrics on %s:%d: %s", *settings.sync_metrics_addr,
+              describe_error(exc))
+    return EXIT_FAILURE
+
+
+class ConsumerMonitor:
+    """What a consumer process tells its operators, called by supervise() twice a second: a line
+    with the consumer and the shards it took once its first heartbeat is answered, a line for each
+    later change of the shards held, the statistics line, the replay progress (SLS_CURSOR_END) and,
+    through a Reporter, /metrics, /healthz and systemd's notifications. A worker of --workers
+    writes its snapshot to a file instead (status_file), for the supervisor to report."""
+
+    SNAPSHOT_INTERVAL = 1.0
+
+    def __init__(self, settings, worker, forwarder, status_file=None, progress_bar=False):
+        self.settings, self.worker, self.forwarder = settings, worker, forwarder
+        self.status_file = status_file
+        self.first_beat = worker.heart_beat.last_hearbeat_successed_unixtime  # changes with the first answer
+        self.held = None  # the shards held, once the first heartbeat is answered
+        self.replay = ReplayProgress(settings, forwarder) if settings.sls_cursor_end else None
+        self.reporter = None if status_file else Reporter(settings, lambda: [self.snapshot()], progress_bar)
+        self.next_snapshot = 0.0
+        self.warned = RateLimiter(60)
+
+    def snapshot(self):
+        counters, lag, gauges = self.forwarder.stats.snapshot()
+        return {"worker": self.settings.sls_consumer_name if self.status_file else "",
+                "written": time.time(), "ready": self.held is not None,
+                "loop_age": time.monotonic() - self.worker.last_round,
+                "held": sorted(self.worker.heart_beat.mheld_shards),
+                "failing_for": self.forwarder.stats.failing_for(), "counters": counters,
+                "lag": {str(shard): round(seconds, 3) for shard, seconds in lag.items()}, "gauges": gauges,
+                "replay": {"shards": self.replay.shards()} if self.replay else None}
+
+    def tick(self, now):
+        held = sorted(self.worker.heart_beat.mheld_shards)
+        name = self.settings.sls_consumer_name
+        if self.held is None:
+            if self.worker.heart_beat.last_hearbeat_successed_unixtime != self.first_beat:
+                log.info("consumer %s joined group %s and holds shards %s", name, self.settings.sls_cg,
+                         ", ".join(map(str, held)) or "none (other consumers hold them all)")
+                self.held = held
+        elif held != self.held:
+            log.info("consumer %s now holds shards %s (took %s, gave up %s)", name,
+                     ", ".join(map(str, held)) or "none", sorted(set(held) - set(self.held)) or "none",
+                     sorted(set(self.held) - set(held)) or "none")
+            self.held = held
+        if self.replay:
+            self.replay.update(held)
+        if self.reporter:
+            self.reporter.tick(f"consumer {name} holds shards {held}")
+        elif now >= self.next_snapshot:
+            self.next_snapshot = now + self.SNAPSHOT_INTERVAL
+            try:
+                write_snapshot(self.status_file, self.snapshot())
+            except OSError as exc:  # the supervisor then reports this worker as silent
+                if self.warned.ready("snapshot"):
+                    log.warning("cannot write %s for the supervisor: %s", self.status_file, describe_error(exc))
+
+    def report(self, line):
+        """The statistics line (and the replay's progress line): logged, and systemd's STATUS=."""
+        log.info(line)
+        if self.replay:
+            log.info(self.replay.line())
+        if self.reporter:
+            self.reporter.status(line)
+
+    def close(self):
+        if self.replay:
+            log.info(self.replay.final_line(self.forwarder.stats.snapshot()[0]["logs"]))
+        if self.reporter:
+            self.reporter.close()
+
+
+class WorkersMonitor:
+    """The --workers supervisor's Reporter: the snapshots are the files its running workers write
+    (a worker not yet described is reported as not ready); STATUS= sums them up."""
+
+    def __init__(self, settings, status_files, progress_bar):
+        self.settings = settings
+        self.status_files = status_files  # worker name -> its snapshot file
+        self.running = {}  # worker name -> time.time() it started
+        self.status = ""
+        self.reporter = Reporter(settings, self.snapshots, progress_bar)
+
+    def snapshots(self):
+        return [read_snapshot(self.status_files[name]) or empty_snapshot(name, started)
+                for name, started in list(self.running.items())]
+
+    def started(self, name):
+        self.running[name] = time.time()
+
+    def stopped(self, name):
+        self.running.pop(name, None)
+        for path in (self.status_files[name], f"{self.status_files[name]}.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def tick(self):
+        snapshots = self.snapshots()
+        logs = sum(s["counters"].get("logs", 0) for s in snapshots)
+        errors = sum(s["counters"].get("send_errors", 0) for s in snapshots)
+        held = sorted(shard for s in snapshots for shard in s["held"])
+        status = f"{len(snapshots)} workers, shards held {held}, total {logs} logs, send errors {errors}"
+        self.reporter.tick(status)
+        if status != self.status:
+            self.reporter.status(status)
+            self.status = status
+
+    def close(self):
+        for name in list(self.running):
+            self.stopped(name)
+        self.reporter.close()
 
 
 # ================================================================================================
@@ -3516,8 +4073,9 @@ class StopDeadline(threading.Thread):
         os._exit(self.status)
 
 
-def run(settings):
-    """Consume until stopped; returns the exit status."""
+def run(settings, status_file=None, progress_bar=False):
+    """Consume until stopped; returns the exit status. A worker of --workers writes its snapshot
+    to status_file (ConsumerMonitor)."""
     stop = stop_on_signals()
     deadline = StopDeadline(stop, settings.sync_stop_timeout)
     deadline.start()
@@ -3530,8 +4088,12 @@ def run(settings):
         worker = WafConsumerWorker(forwarder, consumer_config(settings), client)
     except ClientWorkerException as exc:
         log.error("cannot join consumer group %s of %s/%s with the %s: %s", settings.sls_cg,
-                  settings.sls_project, settings.sls_logstore, credentials.describe(), exc)
+                  settings.sls_project, settings.sls_logstore, credentials.describe(), join_problem(exc))
         return EXIT_FAILURE
+    try:
+        monitor = ConsumerMonitor(settings, worker, forwarder, status_file, progress_bar)
+    except OSError as exc:
+        return cannot_serve_metrics(settings, exc)
     log.info("*** start to consume data...")
     targets = syslog_targets(settings)
     log.info("consumer %s of group %s on %s/%s -> %s %s%s", settings.sls_consumer_name,
@@ -3539,7 +4101,7 @@ def run(settings):
              ",".join(map(str, targets)), f" ({settings.syslog_balance})" if len(targets) > 1 else "")
     worker.start()
     threading.Thread(target=forwarder.flush_checkpoints, name="checkpoints", daemon=True).start()
-    status = supervise(settings, worker, forwarder, stop)
+    status = supervise(settings, worker, forwarder, stop, monitor)
     log.info("stopping: saving the checkpoints of delivered logs and releasing the shards")
     deadline.status = status
     stop.set()
@@ -3554,11 +4116,15 @@ def run(settings):
         log.error("some checkpoints could not be saved in SLS; their logs will be sent again next time")
     if settings.sync_stats_interval:
         log.info(forwarder.stats_line())
+    monitor.close()
     log.info("stopped")
     return status
 
 
-def supervise(settings, worker, forwarder, stop):
+FIRST_STATS_AFTER = 10  # seconds: the first statistics line comes early, then every interval
+
+
+def supervise(settings, worker, forwarder, stop, monitor):
     """Wait for a stop signal; watch the SDK's worker thread and print statistics meanwhile.
 
     The thread's loop goes round every SLS_FETCH_INTERVAL (the work itself runs in the pool), so a
@@ -3568,12 +4134,14 @@ def supervise(settings, worker, forwarder, stop):
     heartbeat intervals (its shard waits meanwhile) is reported, then once a minute; a batch
     waiting for the syslog server is reported by Delivery."""
     credentials = worker.consumer_client.credentials
-    next_stats = time.monotonic() + (settings.sync_stats_interval or float("inf"))
+    next_stats = time.monotonic() + (min(FIRST_STATS_AFTER, settings.sync_stats_interval)
+                                     if settings.sync_stats_interval else float("inf"))
     stuck_after = 10 * settings.sls_heartbeat_interval
     slow_after, slow_reported = 3 * settings.sls_heartbeat_interval, RateLimiter(60)
     last_check = time.monotonic()
     while not stopped(stop, 0.5):
         now = time.monotonic()
+        monitor.tick(now)
         # After a pause of the whole process (SIGSTOP, a frozen VM) the worker needs a moment too.
         paused, last_check = now - last_check > 5, now
         if not worker.is_alive():
@@ -3598,7 +4166,7 @@ def supervise(settings, worker, forwarder, stop):
                             "a great many fields? a slow customize()?); the shard waits for it",
                             shard, logs, now - since)
         if now >= next_stats:
-            log.info(forwarder.stats_line())
+            monitor.report(forwarder.stats_line())
             next_stats += settings.sync_stats_interval
     return EXIT_OK
 
@@ -3610,7 +4178,7 @@ def check_sls(settings, client):
         shards = client.list_shards(settings.sls_project, settings.sls_logstore).get_shards_info()
         groups = client.list_consumer_group(settings.sls_project, settings.sls_logstore).get_consumer_groups()
     except LogException as exc:
-        return "FAIL", f"{where}: {exc.get_error_code()}: {exc.get_error_message()}"
+        return "FAIL", f"{where}: {sls_problem(exc.get_error_code(), exc.get_error_message())}"
     state = "exists" if settings.sls_cg in [g.get_consumer_group_name() for g in groups] else "will be created"
     return "OK", (f"{where}: {len(shards)} shards, consumer group {settings.sls_cg} {state} "
                   f"(signature {settings.sls_auth_version})")
@@ -3639,6 +4207,109 @@ def statement_problem(settings, client):
     return None
 
 
+SLS_ERROR_VARIABLES = {  # SLS errorCode -> (the variable to fix, what the error means)
+    "SignatureNotMatch": ("SLS_AK_KEY", "the AccessKey secret is not the one of SLS_AK_ID"),
+    "InvalidAccessKeyId": ("SLS_AK_ID", "SLS does not know this AccessKey ID"),
+    "ProjectNotExist": ("SLS_PROJECT", "no such project at this endpoint (or SLS_ENDPOINT is another region's)"),
+    "LogStoreNotExist": ("SLS_LOGSTORE", "no such logstore in SLS_PROJECT"),
+}
+# How urllib3 and the resolver word a host name that does not resolve.
+NAME_NOT_RESOLVED = re.compile(r"Failed to resolve|NameResolutionError|Name or service not known|"
+                               r"Temporary failure in name resolution|nodename nor servname", re.IGNORECASE)
+DNS_TIMEOUT = 5  # seconds; the SDK would retry a name that does not resolve for about 10 s
+
+
+def sls_problem(code, message):
+    """An SLS error as one line naming the variable behind it, where one is."""
+    if code == "Unauthorized" and "AccessKeyId not found" in message:  # how SLS says InvalidAccessKeyId
+        code = "InvalidAccessKeyId"
+    if code in SLS_ERROR_VARIABLES:
+        variable, meaning = SLS_ERROR_VARIABLES[code]
+        return f"{variable}: {meaning} ({code})"
+    if NAME_NOT_RESOLVED.search(message):
+        return f"SLS_ENDPOINT: its host name does not resolve ({code}: {message[:300]})"
+    return f"{code}: {message}"
+
+
+def join_problem(exc):
+    """sls_problem() of the SDK's ClientWorkerException, which quotes the SLS error in its text."""
+    quoted = re.search(r"errorCode: (\S+), errorMessage: (.*)", str(exc), re.DOTALL)
+    return sls_problem(*quoted.groups()) if quoted else str(exc)
+
+
+def resolve_within(host, seconds):
+    """None once `host` resolves, else why it does not; gives up after `seconds`."""
+    outcome = []
+
+    def resolve():
+        try:
+            socket.getaddrinfo(host, None)
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(describe_error(exc))
+
+    thread = threading.Thread(target=resolve, name="resolve", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0] if outcome else f"no answer from DNS within {seconds} s"
+
+
+def endpoint_problem(settings):
+    """SLS_ENDPOINT's host checked before the SDK is asked, which would retry for ~10 s; None if it
+    resolves, or if a proxy (HTTP_PROXY, ...) will resolve it."""
+    endpoint = settings.sls_endpoint
+    url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    proxies = urllib.request.getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(url.hostname or ""):
+        return None
+    problem = resolve_within(url.hostname or endpoint, DNS_TIMEOUT)
+    return problem and f"SLS_ENDPOINT: cannot resolve {url.hostname or endpoint!r}: {problem}"
+
+
+def syslog_problem(exc):
+    """A failed connection to the syslog server as one line naming the variable to look at."""
+    if isinstance(exc, socket.gaierror):
+        return f"SYSLOG_HOST: it does not resolve ({describe_error(exc)})"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"refused: nothing listens there (SYSLOG_HOST, SYSLOG_PORT) ({describe_error(exc)})"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"SYSLOG_CERT_PATH / SYSLOG_HOST: the server certificate is not trusted ({describe_error(exc)})"
+    return describe_error(exc)
+
+
+UDP_PROBE_WAIT = 1.0  # seconds to wait for an ICMP port unreachable after the probe
+
+
+def probe_udp(transport):
+    """UDP has no connection: send an empty datagram (syslog servers ignore it) on the connected
+    socket and listen briefly. A closed port answers ICMP port unreachable, which the socket
+    reports as ConnectionRefusedError; silence proves nothing."""
+    transport.sock.send(b"")
+    transport.sock.settimeout(UDP_PROBE_WAIT)
+    try:
+        transport.sock.recv(1)
+    except socket.timeout:
+        pass
+
+
+def check_syslog(settings, target):
+    """(verdict, text) for one syslog target: OK, WARN (UDP: cannot be confirmed) or FAIL."""
+    transport = transport_for(settings, target)
+    name = f"syslog {settings.syslog_protocol}://{target}"
+    try:
+        transport.connect(threading.Event())
+        if settings.syslog_protocol == "udp":
+            probe_udp(transport)
+            return "WARN", (f"{name}: no refusal within {UDP_PROBE_WAIT:g} s, but UDP delivery cannot be "
+                            "confirmed (UDP has no acknowledgement): check that the server receives")
+        return "OK", f"{name}: connected" + (" (TLS handshake and certificate verified)"
+                                             if settings.syslog_protocol in TLS_PROTOCOLS else "")
+    except (OSError, ssl.SSLError) as exc:
+        return "FAIL", f"{name}: {syslog_problem(exc)}"
+    finally:
+        transport.close()
+
+
 def refused_statement(settings):
     """statement_problem() before the consumer starts, with credentials of its own (they are
     needed only when there is a statement); None also when there are no credentials: the run
@@ -3665,8 +4336,9 @@ def plain_http_warning(settings):
 
 
 def check(settings):
-    """--check: one verdict line per check (OK, WARN or FAIL; what servers said is escaped by
-    printable()); 0 when none failed, 1 otherwise, 2 for a statement SLS refuses (a setting error)."""
+    """--check: one verdict line per check (OK, WARN or FAIL, naming the variable to fix; what
+    servers said is escaped by printable()); 0 when none failed, 1 otherwise, 2 for a statement SLS
+    refuses (a setting error)."""
     warning = plain_http_warning(settings)
     results = [("WARN", warning)] if warning else []
     try:
@@ -3674,24 +4346,19 @@ def check(settings):
     except CredentialsError as exc:
         results.append(("FAIL", f"credentials: {exc}"))
     else:
-        client = sls_client(settings, credentials)
-        refused = statement_problem(settings, client)
-        if refused:
-            print(f"setting error: {printable(refused)}", file=sys.stderr, flush=True)
-            return EXIT_BAD_SETTINGS
         results.append(("OK", f"credentials: {credentials.describe()}; {credentials.expiry()}"))
-        results.append(check_sls(settings, client))
-    for target in syslog_targets(settings):  # each one: a collector may be down while others serve
-        transport = transport_for(settings, target)
-        name = f"syslog {settings.syslog_protocol}://{target}"
-        try:
-            transport.connect(threading.Event())
-            results.append(("OK", f"{name}: connected" + (" (TLS handshake and certificate verified)"
-                                                          if settings.syslog_protocol in TLS_PROTOCOLS else "")))
-        except (OSError, ssl.SSLError) as exc:
-            results.append(("FAIL", f"{name}: {describe_error(exc)}"))
-        finally:
-            transport.close()
+        unresolved = endpoint_problem(settings)
+        if unresolved:
+            results.append(("FAIL", f"SLS {settings.sls_project}/{settings.sls_logstore}: {unresolved}"))
+        else:
+            client = sls_client(settings, credentials)
+            refused = statement_problem(settings, client)
+            if refused:
+                print(f"setting error: {printable(refused)}", file=sys.stderr, flush=True)
+                return EXIT_BAD_SETTINGS
+            results.append(check_sls(settings, client))
+    # each target: a collector may be down while others serve
+    results += [check_syslog(settings, target) for target in syslog_targets(settings)]
     for verdict, text in results:
         print(f"{verdict:4} {printable(text)}", flush=True)
     return EXIT_FAILURE if any(verdict == "FAIL" for verdict, _ in results) else EXIT_OK
@@ -3707,18 +4374,10 @@ def dry_run(settings):
     encoder, budget = MessageEncoder(settings), FetchBudget(settings)
     project, logstore = settings.sls_project, settings.sls_logstore
     try:
-        checkpoints = {}
-        try:
-            for item in client.get_check_point(project, logstore, settings.sls_cg) \
-                    .get_consumer_group_check_points() or []:
-                checkpoints[item["shard"]] = item["checkpoint"]
-        except LogException as exc:
-            if exc.get_error_code() != "ConsumerGroupNotExist":
-                raise
+        checkpoints = group_checkpoints(client, settings)
         for shard in client.list_shards(project, logstore).get_shards_info():
             shard_id = shard["shardID"]
-            cursor = checkpoints.get(shard_id) or client.get_cursor(
-                project, logstore, shard_id, settings.sls_cursor_start).get_cursor()
+            cursor = start_cursor(client, settings, shard_id, checkpoints)
             end = client.get_cursor(project, logstore, shard_id,
                                     settings.sls_cursor_end or "end").get_cursor()
             while cursor != end:
@@ -3779,20 +4438,31 @@ def die_with(parent):
     return die_with_parent
 
 
-def run_workers(settings, count, environment):
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")  # the supervisor's own
+
+
+def run_workers(settings, count, environment, progress_bar=False):
     """--workers N: N consumer processes of the group on this host ({name}-0 ... {name}-N-1),
     restarted when one dies; SIGTERM / SIGINT is passed on and waited for, and a worker that has
-    not exited SYNC_STOP_TIMEOUT + STOP_GRACE seconds later is killed."""
+    not exited SYNC_STOP_TIMEOUT + STOP_GRACE seconds later is killed. Each worker writes a
+    snapshot file beside its lock file, from which this process alone reports (WorkersMonitor)."""
     stop = stop_on_signals()
     names = [f"{settings.sls_consumer_name}-{i}" for i in range(count)]
     children, started, delays = {}, {}, {name: 1.0 for name in names}
+    locks = {name: f"{settings.sync_lock_file}.{safe_file_name(name)}" for name in names}
+    try:
+        monitor = WorkersMonitor(settings, {name: f"{locks[name]}.status" for name in names}, progress_bar)
+    except OSError as exc:
+        return cannot_serve_metrics(settings, exc)
+    worker_environment = {k: v for k, v in environment.items() if k not in SYSTEMD_VARIABLES}
 
     def start(name):
-        env = dict(environment, SLS_CONSUMER_NAME=name, SYNC_WORKERS="1",
-                   SYNC_LOCK_FILE=f"{settings.sync_lock_file}.{safe_file_name(name)}")
-        children[name] = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
+        env = dict(worker_environment, SLS_CONSUMER_NAME=name, SYNC_WORKERS="1", SYNC_LOCK_FILE=locks[name])
+        children[name] = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--status-file",
+                                           monitor.status_files[name]], env=env,
                                           stdin=subprocess.DEVNULL, preexec_fn=die_with(os.getpid()))
         started[name] = time.monotonic()
+        monitor.started(name)
         log.info("started worker %s (pid %d)", name, children[name].pid)
 
     log.info("*** starting %d workers in consumer group %s", count, settings.sls_cg)
@@ -3802,11 +4472,13 @@ def run_workers(settings, count, environment):
     while children or restart_at:
         if stopped(stop, 0.5):
             break
+        monitor.tick()
         for name, child in list(children.items()):
             status = child.poll()
             if status is None:
                 continue
             del children[name]
+            monitor.stopped(name)
             if status == EXIT_OK and settings.sls_cursor_end:
                 log.info("worker %s finished its replay", name)
                 continue
@@ -3837,6 +4509,7 @@ def run_workers(settings, count, environment):
             failed.append(name)
     if failed:
         log.error("workers %s did not stop cleanly", ", ".join(failed))
+    monitor.close()
     log.info("all workers stopped")
     return EXIT_FAILURE if failed else EXIT_OK
 
@@ -3964,6 +4637,9 @@ def parse_arguments(argv):
                       help="print the messages that would be sent next to stdout; send and save nothing")
     parser.add_argument("--env-file", metavar="PATH",
                         help="read settings from this file (default: .env beside this script)")
+    parser.add_argument("--progress", action="store_true",
+                        help="replay (SLS_CURSOR_END): draw a live progress bar when stderr is a terminal")
+    parser.add_argument("--status-file", help=argparse.SUPPRESS)  # a worker of --workers: its snapshot
     # Flags that have a variable override it (and are validated with it).
     parser.add_argument("--lock-file", metavar="PATH", dest="SYNC_LOCK_FILE",
                         help="lock file path (SYNC_LOCK_FILE)")
@@ -3985,6 +4661,7 @@ def main(argv=None):
         environment.update({name: value for name, value in vars(args).items()
                             if name.startswith("SYNC_") and value is not None})
         settings = Settings.from_environment(environment)
+        export_proxy_variables(environment)
     except SettingsError as exc:
         for problem in exc.problems:
             print(f"setting error: {problem}", file=sys.stderr)
@@ -4024,7 +4701,9 @@ def main(argv=None):
     if args.dry_run:
         return dry_run(settings)
     count = worker_count(settings)
-    return run_workers(settings, count, environment) if count > 1 else run(settings)
+    if count > 1:
+        return run_workers(settings, count, environment, args.progress)
+    return run(settings, args.status_file, args.progress)
 
 
 if __name__ == "__main__":

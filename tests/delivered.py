@@ -44,10 +44,10 @@ def assert_delivered_exactly(records, logs, hostname, separator=","):
 
 
 def final_stats(forwarder):
-    """(send errors, messages resent) from the forwarder's statistics line at exit."""
-    match = re.search(r"send errors (\d+), resent (\d+)", forwarder.stderr())
-    assert match, f"no statistics line in the forwarder's log:\n{forwarder.stderr()[-2000:]}"
-    return int(match.group(1)), int(match.group(2))
+    """(send errors, messages resent) from the forwarder's last statistics line, at exit."""
+    counts = re.findall(r"send errors (\d+), resent (\d+)", forwarder.stderr())
+    assert counts, f"no statistics line in the forwarder's log:\n{forwarder.stderr()[-2000:]}"
+    return int(counts[-1][0]), int(counts[-1][1])
 
 
 def account(fault, sent_ids, messages, forwarder):

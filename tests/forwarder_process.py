@@ -1,6 +1,7 @@
 """Runs the real forwarder, `python sync_waf_to_syslog.py`, as a subprocess for tests."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -107,3 +108,10 @@ def run_forwarder(env, workdir, args=(), timeout=60, python_args=None):
     fwd = ForwarderProcess(env, workdir, args, python_args).start()
     status = fwd.wait(timeout)
     return status, fwd.stdout(), fwd.stderr()
+
+
+def free_port(kind=socket.SOCK_STREAM):
+    """A port on 127.0.0.1 where nothing listens now (bound, then released)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

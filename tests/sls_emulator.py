@@ -15,6 +15,8 @@ The first stdout line (flushed) is `SLS_EMULATOR_ADDR=127.0.0.1:PORT`. It serves
 SIGINT and then exits 0. Clients reach it through an HTTP proxy setting, so no DNS or root is
 needed: `HTTP_PROXY=http://127.0.0.1:PORT` with a fake endpoint such as `http://sls.emulator.test`
 (NO_PROXY must not match that host). The project is the first label of the `Host` header.
+`python tests/playground.py` runs it for the real forwarder CLI, with realistic logs, a syslog
+receiver and a `.env.playground` holding these settings (README.md, "Trying it locally").
 
 Log format (--load, POST /_emulator/logs, add_logs)
 ---------------------------------------------------

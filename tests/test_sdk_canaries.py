@@ -286,6 +286,20 @@ def canary_remove_heart_shard(emulator, heartbeat_class):
     return beat.mheld_shards == [1] and beat.mheart_shards == [1], f"{beat.mheld_shards}, {beat.mheart_shards}"
 
 
+def canary_heartbeat_answered(emulator, heartbeat_class):
+    """The heartbeat notes in last_hearbeat_successed_unixtime when SLS answered it."""
+    beat = heartbeat_class(consumer_client(emulator), 1, 2)
+    before = beat.last_hearbeat_successed_unixtime
+    beat.start()
+    try:
+        answered = poll(lambda: emulator.state()["requests"].get("heartbeat", 0), bool, timeout=15)
+        noted = poll(lambda: getattr(beat, "last_hearbeat_successed_unixtime", before) != before, bool, timeout=1.5)
+        return answered and noted, f"{answered} heartbeats answered; noted: {noted}"
+    finally:
+        beat.shutdown()
+        beat.join(10)
+
+
 def canary_tracker(emulator, tracker_class):
     """A checkpoint tracker writes under its lock (so save_delivered_checkpoint and the SDK's flush
     exclude each other) and records the written cursor in last_persistent_checkpoint."""
@@ -485,6 +499,7 @@ CANARIES = {  # (canary, the real SDK class, its broken stand-in)
     "mclient": (canary_mclient, ConsumerClient, HeartbeatsWithItsFirstClient),
     "heartbeat lists": (canary_heartbeat_lists, ConsumerHeatBeat, LocksSomethingElse),
     "remove_heart_shard": (canary_remove_heart_shard, ConsumerHeatBeat, RenamedLists),
+    "heartbeat answered": (canary_heartbeat_answered, ConsumerHeatBeat, LocksSomethingElse),
     "tracker": (canary_tracker, ConsumerCheckpointTracker, FlushesWithoutTheLock),
     "shut_down_flag": (canary_shut_down_flag, ConsumerWorker, IgnoresShutDownFlag),
     "shard_id": (canary_shard_id, Probe, ForgetsItsShard),
