@@ -3793,11 +3793,13 @@ class ReplayProgress:
     """SLS_CURSOR_END: how far a replay has come. SLS cursors are consecutive numbers, one per
     LogGroup (cursor_number), so a shard's replay runs from where it starts (its checkpoint, or
     SLS_CURSOR_START) to the cursor of SLS_CURSOR_END, and its delivered checkpoint says where it
-    is. The bounds of each shard this process takes are asked from SLS once, on a thread."""
+    is. The bounds of each shard this process takes are asked from SLS once, on a thread, with
+    `client` (the consumer's LogClient)."""
 
-    def __init__(self, settings, forwarder):
+    def __init__(self, settings, forwarder, client):
         self.settings = settings
         self.forwarder = forwarder
+        self.client = client
         self.started = time.time()
         self.lock = threading.Lock()
         self.bounds = {}     # shard -> (start, end) cursor numbers
@@ -3820,7 +3822,7 @@ class ReplayProgress:
     def ask_bounds(self, shards):
         s = self.settings
         try:
-            client = sls_client(s)
+            client = self.client
             checkpoints = group_checkpoints(client, s)
             for shard in shards:
                 start = start_cursor(client, s, shard, checkpoints)
@@ -3850,7 +3852,7 @@ class ReplayProgress:
         """What was replayed, from the checkpoints saved in SLS (the last positions, which the
         consumer no longer holds)."""
         try:
-            for shard, cursor in group_checkpoints(sls_client(self.settings), self.settings).items():
+            for shard, cursor in group_checkpoints(self.client, self.settings).items():
                 if shard in self.bounds and cursor_number(cursor) is not None:
                     self.positions[shard] = cursor_number(cursor)
         except LogException as exc:
@@ -3928,7 +3930,8 @@ class ConsumerMonitor:
         self.status_file = status_file
         self.first_beat = worker.heart_beat.last_hearbeat_successed_unixtime  # changes with the first answer
         self.held = None  # the shards held, once the first heartbeat is answered
-        self.replay = ReplayProgress(settings, forwarder) if settings.sls_cursor_end else None
+        self.replay = ReplayProgress(settings, forwarder, worker.consumer_client.mclient) \
+            if settings.sls_cursor_end else None
         self.reporter = None if status_file else Reporter(settings, lambda: [self.snapshot()], progress_bar)
         self.next_snapshot = 0.0
         self.warned = RateLimiter(60)

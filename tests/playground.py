@@ -34,7 +34,7 @@ READY_LINE = "playground ready"
 def settings(emulator, receiver):
     """The forwarder's variables for this emulator and receiver."""
     return {
-        "SLS_ENDPOINT": emulator.endpoint, "SLS_AK_ID": emulator.access_key_id,
+        "SLS_ENDPOINT": emulator.endpoint, "SLS_REGION": "cn-hangzhou", "SLS_AK_ID": emulator.access_key_id,
         "SLS_AK_KEY": emulator.access_key_secret, "SLS_PROJECT": emulator.project,
         "SLS_LOGSTORE": emulator.logstore, "SLS_CG": "playground", "SLS_HEARTBEAT_INTERVAL": "5",
         "SYSLOG_HOST": "127.0.0.1", "SYSLOG_PORT": str(receiver.port), "SYSLOG_PROTOCOL": "tcp",

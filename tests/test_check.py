@@ -14,12 +14,17 @@ from tests.syslog_receiver import SyslogReceiver
 
 def check(capsys, **variables):
     """fwd.check() in this process with these settings: (exit status, its verdict lines)."""
-    env = dict(SLS_ENDPOINT="http://sls.emulator.test", SLS_AK_ID=AKID, SLS_AK_KEY=SECRET,
+    env = dict(SLS_ENDPOINT="http://sls.emulator.test", SLS_REGION="cn-hangzhou", SLS_AK_ID=AKID, SLS_AK_KEY=SECRET,
                SLS_PROJECT=PROJECT, SLS_LOGSTORE=LOGSTORE, SYSLOG_HOST="127.0.0.1",
                SYSLOG_PORT=str(free_port()))
     env.update(variables)
     status = fwd.check(fwd.Settings.from_environment(env))
     return status, capsys.readouterr().out.splitlines()
+
+
+def verdict(lines, about):
+    """The verdict line of --check about "SLS ..." or "syslog ..."."""
+    return next(line for line in lines if line[5:].startswith(about))
 
 
 @pytest.fixture
@@ -37,7 +42,7 @@ def emulator(monkeypatch):
 def test_each_sls_failure_names_its_variable(variable, change, emulator, capsys):
     status, lines = check(capsys, **change)
     assert status == 1
-    sls_line = [line for line in lines if " SLS " in f" {line}"][0]
+    sls_line = verdict(lines, "SLS ")
     assert sls_line.startswith("FAIL") and f": {variable}: " in sls_line, lines
     assert "string to sign" not in sls_line  # SLS's raw SignatureNotMatch text stays out
 
@@ -48,7 +53,7 @@ def test_an_endpoint_that_does_not_resolve_names_sls_endpoint_at_once(emulator, 
     started = time.monotonic()
     status, lines = check(capsys, SLS_ENDPOINT="sls.does-not-exist.invalid")
     took = time.monotonic() - started
-    assert status == 1 and lines[0].startswith("FAIL") and ": SLS_ENDPOINT: " in lines[0], lines
+    assert status == 1 and verdict(lines, "SLS ").startswith("FAIL") and ": SLS_ENDPOINT: " in verdict(lines, "SLS "), lines
     # The SDK alone would retry for about 10 s; the check gives DNS at most DNS_TIMEOUT.
     assert took < fwd.DNS_TIMEOUT + 3, took
 
@@ -62,19 +67,22 @@ def test_a_dns_server_that_does_not_answer_is_given_up_on(monkeypatch):
 
 def test_udp_is_refused_or_unconfirmed_never_connected(emulator, capsys):
     status, lines = check(capsys, SYSLOG_PROTOCOL="udp", SYSLOG_PORT=str(free_port(socket.SOCK_DGRAM)))
-    assert status == 1 and lines[1].startswith("FAIL syslog udp://") and "refused" in lines[1], lines
+    syslog = verdict(lines, "syslog ")
+    assert status == 1 and syslog.startswith("FAIL syslog udp://") and "refused" in syslog, lines
     with SyslogReceiver("udp") as receiver:
         status, lines = check(capsys, SYSLOG_PROTOCOL="udp", SYSLOG_PORT=str(receiver.port))
     assert status == 0, lines
-    assert lines[0].startswith("OK   SLS") and "2 shards" in lines[0]
-    assert lines[1].startswith("WARN syslog udp://") and "cannot be confirmed" in lines[1], lines
-    assert "connected" not in lines[1]
+    assert verdict(lines, "SLS ").startswith("OK   SLS") and "2 shards" in verdict(lines, "SLS ")
+    syslog = verdict(lines, "syslog ")
+    assert syslog.startswith("WARN syslog udp://") and "cannot be confirmed" in syslog, lines
+    assert "connected" not in syslog
 
 
 def test_a_closed_tcp_port_names_host_and_port(emulator, capsys):
     status, lines = check(capsys)
-    assert status == 1 and lines[1].startswith("FAIL syslog tcp://"), lines
-    assert "refused" in lines[1] and "SYSLOG_HOST" in lines[1] and "SYSLOG_PORT" in lines[1]
+    syslog = verdict(lines, "syslog ")
+    assert status == 1 and syslog.startswith("FAIL syslog tcp://"), lines
+    assert "refused" in syslog and "SYSLOG_HOST" in syslog and "SYSLOG_PORT" in syslog
 
 
 @pytest.mark.slow

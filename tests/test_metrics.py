@@ -14,7 +14,8 @@ from tests.syslog_receiver import SyslogReceiver
 from tests.waf_logs import realistic_logs, write_jsonl
 
 SETTINGS = fwd.Settings.from_environment(dict(
-    SLS_ENDPOINT="sls.example.test", SLS_AK_ID="id", SLS_AK_KEY="key", SLS_PROJECT="p", SLS_LOGSTORE="l",
+    SLS_ENDPOINT="sls.example.test", SLS_REGION="cn-hangzhou", SLS_AK_ID="id", SLS_AK_KEY="key",
+    SLS_PROJECT="p", SLS_LOGSTORE="l",
     SYSLOG_HOST="127.0.0.1", SLS_HEARTBEAT_INTERVAL="1", SYNC_HEALTH_FAILING_AFTER="30"))
 
 
@@ -72,7 +73,7 @@ def test_stats_line_says_how_long_syslog_has_been_failing():
     assert "failing" not in stats.line() and stats.failing_for() == 0
     stats.add(send_errors=1)
     stats.failing_since -= 42
-    assert stats.line().endswith(", filtered by SLS 0, syslog failing for 42 s")
+    assert stats.line().endswith(", failed pulls 0, syslog failing for 42 s")
     stats.sent(0, [], 0)  # a batch with nothing to send proves nothing about syslog
     assert stats.failing_for() >= 42
     stats.sent(0, [b"x"], 0)

@@ -53,7 +53,7 @@ def test_the_playground_works_from_a_clean_copy(tmp_path):
                                   cwd=clone, env=env, capture_output=True, text=True, timeout=timeout)
 
         check = cli("--check")
-        assert check.returncode == 0 and check.stdout.count("OK   ") == 2, check.stdout + check.stderr
+        assert check.returncode == 0 and check.stdout.count("OK   ") == 3, check.stdout + check.stderr  # credentials, SLS, syslog
         dry = cli("--dry-run")
         assert dry.returncode == 0 and len(dry.stdout.splitlines()) >= LOGS, dry.stderr
 
