@@ -19,11 +19,10 @@ RUN
   python sync_waf_to_syslog.py --progress   a replay (SLS_CURSOR_END) with a live progress bar
   Settings come from the environment, or from a `.env` file beside this script (or --env-file);
   a variable set in the real environment wins over the file. The file must belong to you or root
-  and not be writable by group or others (it can set every variable), as must the TLS files.
+  and not be writable by group or others (it can set every variable), as must the TLS files. Of
+  its values only the proxy variables (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY, also in lower
+  case) are exported to the process environment, where the SDK reads them.
   A stop (SIGTERM / SIGINT) takes at most SYNC_STOP_TIMEOUT seconds, whatever a batch is doing.
-  Of the file's values only the proxy
-  variables (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY, also in lower case) are exported to the
-  process environment, where the SDK reads them.
   The log says which shards this consumer took (and each later change), the statistics line comes
   after 10 s and then every SYNC_STATS_INTERVAL, and while syslog fails it ends with "syslog
   failing for N s". Under systemd (Type=notify) it sends READY=1 once its first heartbeat is
