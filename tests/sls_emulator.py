@@ -219,6 +219,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import ctypes
 import functools
 import hashlib
 import hmac
@@ -1627,6 +1628,13 @@ class SlsEmulator(SlsService, _ClientSide):
         self.stop()
 
 
+def _die_with_parent():
+    """In the emulator's process: get SIGTERM when the process that started it dies, however it
+    dies, so no emulator outlives a test or a playground."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class EmulatorProcess(_ClientSide):
     """The emulator CLI in a subprocess, started by the constructor; admin calls go over HTTP."""
 
@@ -1643,7 +1651,7 @@ class EmulatorProcess(_ClientSide):
         for path in load:
             command += ["--load", str(path)]
         command += list(extra_args)
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
         self._admin_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
             self.port = self._read_port()
