@@ -302,8 +302,8 @@ def run_variant(variant, emulator, total, args, sdk, profiler=None):
         receiver = cleanup.enter_context(ReceiverProcess(args.protocol))
         env = forwarder_env(emulator, port=receiver.port, protocol=args.protocol, SLS_CG=group,
                             SLS_CONSUMER_NAME=f"{group}-0",
-                            SYSLOG_SEP=args.separator, SYNC_STATS_INTERVAL=0, **sdk.environment(),
-                            **dict(variant.env))
+                            SYSLOG_SEP=args.separator, SYNC_STATS_INTERVAL=0,
+                            **{**sdk.environment(), **dict(variant.env)})  # the variant's own win
         emulator.inject(**PULL_GATE)
         cleanup.callback(emulator.clear_faults)
         processes = variant_processes(variant, env, workdir)
