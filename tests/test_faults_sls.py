@@ -21,7 +21,7 @@ import pytest
 
 from tests.checkpoints import assert_checkpoints_at_end, assignments, checkpoint_positions
 from tests.delivered import assert_delivered, trace_ids
-from tests.forwarder_process import ForwarderProcess, forwarder_env, run_forwarder, with_fault
+from tests.forwarder_process import ForwarderProcess, forwarder_env, problem_lines, run_forwarder, with_fault
 from tests.syslog_receiver import SyslogReceiver, ids, loss_report
 from tests.waf_logs import realistic_logs, write_jsonl
 from tests.polling import wait_until
@@ -86,13 +86,6 @@ def duplicated_ids(receiver):
 
 def fault_by_id(emulator, fault_id):
     return next(f for f in emulator.state()["faults"] if f["id"] == fault_id)
-
-
-def problem_lines(log_text):
-    """The warnings and errors of a forwarder's log, but the one at start about the emulator's
-    plain-HTTP endpoint."""
-    return [line for line in log_text.splitlines()
-            if (" WARNING " in line or " ERROR " in line) and "is plain HTTP" not in line]
 
 
 def stop_together(forwarders):
