@@ -3051,8 +3051,8 @@ class ShardDirectory:
       of shard consumers, whose failing start-ups starve the real shards and flood the log;
     * which shards are read-only (split or merged away) and their end cursors, so that
       Forwarder.finish_read_only_shards can have SLS release them;
-    * which shards a split or merge made while this process runs (createTime), which
-      SLS_CURSOR_START=end must not skip into (ResilientConsumerClient.get_end_cursor).
+    * which shards a split or merge made while this process runs (those its first listing did not
+      have), which SLS_CURSOR_START=end must not skip into (ResilientConsumerClient.get_end_cursor).
 
     Once started, it lists the shards every heartbeat interval, and at once when a heartbeat names
     one it does not know (a split or merge just made it), on its own thread: no heartbeat waits for
@@ -3060,11 +3060,10 @@ class ShardDirectory:
 
     def __init__(self, settings):
         self.settings = settings
-        self.started = time.time()
         self.client = None     # the LogClient it lists with, from start()
         self.lock = threading.Lock()
         self.statuses = None   # shard -> "readwrite" | "readonly"; None until a listing succeeds
-        self.created = {}      # shard -> createTime (unix seconds)
+        self.first_listed = None  # the shards of the first listing that succeeded
         self.end_cursors = {}  # read-only shard -> its end cursor, which never moves again
         self.unlisted = set()  # shards heartbeats named that the last listing did not have
         self.list_now = threading.Event()
@@ -3099,7 +3098,8 @@ class ShardDirectory:
         statuses = {shard["shardID"]: str(shard.get("status", "readwrite")).lower() for shard in listed}
         with self.lock:
             before, self.statuses = self.statuses, statuses
-            self.created = {shard["shardID"]: shard.get("createTime", 0) for shard in listed}
+            if self.first_listed is None:
+                self.first_listed = set(statuses)
             self.unlisted -= asked_about | set(statuses)
         if before is not None and before != statuses:
             sealed = [shard for shard, status in before.items() if statuses.get(shard, status) != status]
@@ -3141,9 +3141,10 @@ class ShardDirectory:
         return cursor
 
     def made_while_running(self, shard):
-        """Did a split or merge make this shard after this process started?"""
+        """Did a split or merge make this shard while this process runs? (Listings, not createTime,
+        tell: that is SLS's clock, and counts whole seconds.)"""
         with self.lock:
-            return self.created.get(shard, 0) >= int(self.started)
+            return self.first_listed is not None and shard not in self.first_listed
 
 
 class Forwarder:
