@@ -3089,13 +3089,13 @@ class ShardDirectory:
             asked_about = set(self.unlisted)
         try:
             listed = self.client.list_shards(s.sls_project, s.sls_logstore).get_shards_info()
-        except LogException as exc:
+            statuses = {shard["shardID"]: str(shard.get("status", "readwrite")).lower() for shard in listed}
+        except Exception as exc:  # refused, or an answer that is no listing: this thread must go on
             if self.warned.ready("list"):
-                log.warning("cannot list the shards (%s: %s); until that works, %s", exc.get_error_code(),
-                            exc.get_error_message(), "a new shard is not taken up" if self.statuses else
+                log.warning("cannot list the shards (%s); until that works, %s", describe_error(exc),
+                            "a new shard is not taken up" if self.statuses else
                             "heartbeat answers are not checked and empty read-only shards stay held")
             return
-        statuses = {shard["shardID"]: str(shard.get("status", "readwrite")).lower() for shard in listed}
         with self.lock:
             before, self.statuses = self.statuses, statuses
             if self.first_listed is None:
@@ -3131,10 +3131,10 @@ class ShardDirectory:
         s = self.settings
         try:
             cursor = self.client.get_end_cursor(s.sls_project, s.sls_logstore, shard).get_cursor()
-        except LogException as exc:
+        except Exception as exc:  # as in refresh(): the checkpoint thread that asks must go on
             if self.warned.ready("end"):
-                log.warning("cannot read the end cursor of read-only shard %d (%s: %s); retrying",
-                            shard, exc.get_error_code(), exc.get_error_message())
+                log.warning("cannot read the end cursor of read-only shard %d (%s); retrying",
+                            shard, describe_error(exc))
             return None
         with self.lock:
             self.end_cursors[shard] = cursor
