@@ -10,7 +10,9 @@ WHAT IT DOES
   other than by a clean close, the last second is sent again, as the server may not have read it.
   With RELP "accepted" is the server's own acknowledgement of every message, so not even a crashing
   syslog server loses one. With several collectors (SYSLOG_HOST=a,b) a batch a collector did not
-  confirm goes to the next one: failover (and back), or round-robin.
+  confirm goes to the next one: failover (and back), or round-robin. Shards that SLS splits or
+  merges are followed without a restart: a read-only shard is read to its end and released, new
+  shards are taken up (README.md, "Shard splits and merges").
 
 RUN
   python sync_waf_to_syslog.py              run until SIGTERM / SIGINT (Ctrl-C), then exit 0
@@ -58,10 +60,11 @@ SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
   SLS_CONSUMER_NAME       this consumer's name in the group; keep it stable so a restart takes its
                           shards back at once                          default {SLS_CG}-{hostname}
   SLS_CURSOR_START        where a new group starts: begin, end, or an ISO-8601 time
-                          (e.g. 2026-11-01T00:00:00+08:00); ignored once checkpoints exist
+                          (e.g. 2026-11-01T00:00:00+08:00); ignored once checkpoints exist, and
+                          by shards a split or merge makes while this runs (read whole)
                                                                                     default begin
   SLS_CURSOR_END          stop after logs received up to this ISO-8601 time (replay/backfill)
-  SLS_HEARTBEAT_INTERVAL  seconds between consumer-group heartbeats                    default 20
+  SLS_HEARTBEAT_INTERVAL  seconds between consumer-group heartbeats (and shard listings) default 20
   SLS_FETCH_BYTES         raw (uncompressed) bytes a pull should carry: each shard's next pull asks
                           for as many log groups as its last pulls say fit, whether a group holds
                           one log or a thousand (K, M suffixes allowed)                 default 2M
@@ -75,6 +78,9 @@ SETTINGS: SLS (names as in Alibaba's WAF-to-syslog guide)
   SLS_WORKER_POOL_SIZE    SDK threads shared by fetching and processing                  default 2
   SLS_TOPICS              send only logs of these topics (comma list, e.g. waf_access_log); the
                           others are skipped, yet checkpointed as done                default all
+  SLS_IN_ORDER            true: the group hands out the shards a split or merge made only once
+                          their parents are read to the end (SLS's in-order consumption), so a
+                          key's logs leave in order; set on the group at every start  default false
   SLS_QUERY               an SPL statement SLS applies to the logs before it hands them over
                           (rule-based consumption), e.g. * | where final_action is not null; the
                           logs it drops are counted and checkpointed as done (README.md, "Volume
@@ -166,8 +172,8 @@ SETTINGS: this program
                           process exits anyway, still 0 on SIGTERM; --workers kills a worker
                           that has not exited 2 s after that                         default 30
   SYNC_WORKERS            consumer processes on this host, or auto = one per CPU core but no more
-                          than shards (--workers); each is consumer {SLS_CONSUMER_NAME}-{i},
-                          restarted if it dies                                          default 1
+                          than read-write shards (--workers); each is consumer
+                          {SLS_CONSUMER_NAME}-{i}, restarted if it dies                 default 1
   SYNC_METRICS_ADDR       host:port to serve /metrics (Prometheus) and /healthz on, e.g.
                           127.0.0.1:9108 (:9108 = every interface); with --workers one endpoint,
                           served by the supervisor, covers every worker        default off
@@ -234,6 +240,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 # The one place the SDK (and protobuf, which comes with it) is imported. Without it the encoders
@@ -405,6 +412,7 @@ class Settings:
     sls_fetch_interval: float
     sls_worker_pool_size: int
     sls_topics: frozenset          # empty = every topic
+    sls_in_order: bool
     sls_query: str                 # an SPL statement, or ""
     sls_consume_processor: str     # a consume processor's name, or ""
     syslog_host: str               # as given; syslog_targets(settings) is its list of targets
@@ -853,6 +861,7 @@ class _SettingsReader:
             sls_fetch_interval=self.number("SLS_FETCH_INTERVAL", 0.05, 0.01, 3600, float),
             sls_worker_pool_size=self.number("SLS_WORKER_POOL_SIZE", 2, 1, 64),
             sls_topics=frozenset(self.name_list("SLS_TOPICS")),
+            sls_in_order=self.choice("SLS_IN_ORDER", "false", {"true", "false"}) == "true",
             sls_query=self.text("SLS_QUERY"),
             sls_consume_processor=self.consume_processor(),
             syslog_host=self.syslog_host(protocol, port),
@@ -3034,6 +3043,110 @@ class FetchBudget:
             return any(self.full.values())
 
 
+class ShardDirectory:
+    """The logstore's shards as ListShards lists them, for what the SDK does not check itself:
+
+    * a shard in a heartbeat answer is consumed only once ListShards lists it: an answer naming
+      thousands of shards that do not exist (corrupt, or forged) would otherwise start thousands
+      of shard consumers, whose failing start-ups starve the real shards and flood the log;
+    * which shards are read-only (split or merged away) and their end cursors, so that
+      Forwarder.finish_read_only_shards can have SLS release them;
+    * which shards a split or merge made while this process runs (those its first listing did not
+      have), which SLS_CURSOR_START=end must not skip into (ResilientConsumerClient.get_end_cursor).
+
+    Once started, it lists the shards every heartbeat interval, and at once when a heartbeat names
+    one it does not know (a split or merge just made it), on its own thread: no heartbeat waits for
+    ListShards, and a new shard is taken up one heartbeat later."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.client = None     # the LogClient it lists with, from start()
+        self.lock = threading.Lock()
+        self.statuses = None   # shard -> "readwrite" | "readonly"; None until a listing succeeds
+        self.first_listed = None  # the shards of the first listing that succeeded
+        self.end_cursors = {}  # read-only shard -> its end cursor, which never moves again
+        self.unlisted = set()  # shards heartbeats named that the last listing did not have
+        self.list_now = threading.Event()
+        self.warned = RateLimiter(60)
+
+    def start(self, log_client, stop):
+        """List the shards now (before the first heartbeat answer, which the listing checks), then
+        on a thread of its own until stopped."""
+        self.client = log_client
+        self.refresh()
+        threading.Thread(target=self.watch, args=(stop,), name="shards", daemon=True).start()
+
+    def watch(self, stop):
+        while not stop.is_set():
+            self.list_now.wait(self.settings.sls_heartbeat_interval)
+            self.list_now.clear()
+            self.refresh()
+
+    def refresh(self):
+        """List the shards; when that fails, the last listing stays (and it says so once a minute)."""
+        s = self.settings
+        with self.lock:
+            asked_about = set(self.unlisted)
+        try:
+            listed = self.client.list_shards(s.sls_project, s.sls_logstore).get_shards_info()
+            statuses = {shard["shardID"]: str(shard.get("status", "readwrite")).lower() for shard in listed}
+        except Exception as exc:  # refused, or an answer that is no listing: this thread must go on
+            if self.warned.ready("list"):
+                log.warning("cannot list the shards (%s); until that works, %s", describe_error(exc),
+                            "a new shard is not taken up" if self.statuses else
+                            "heartbeat answers are not checked and empty read-only shards stay held")
+            return
+        with self.lock:
+            before, self.statuses = self.statuses, statuses
+            if self.first_listed is None:
+                self.first_listed = set(statuses)
+            self.unlisted -= asked_about | set(statuses)
+        if before is not None and before != statuses:
+            sealed = [shard for shard, status in before.items() if statuses.get(shard, status) != status]
+            log.info("shards split or merged: now read-only: %s; new: %s", sealed,
+                     sorted(set(statuses) - set(before)))
+        never_listed = sorted(asked_about - set(statuses))
+        if never_listed and self.warned.ready("unlisted"):
+            log.warning("SLS assigned this consumer %d shards that ListShards does not list (%s%s); "
+                        "they are ignored", len(never_listed), ", ".join(map(str, never_listed[:5])),
+                        ", ..." if len(never_listed) > 5 else "")
+
+    def listed(self, shards):
+        """The shards of a heartbeat answer that the last listing has, in order (all of them
+        before any listing succeeded). The others are left out, and listed again at once."""
+        with self.lock:
+            if self.statuses is None:
+                return list(shards)
+            known = [shard for shard in shards if shard in self.statuses]
+            self.unlisted.update(shard for shard in shards if shard not in self.statuses)
+        if len(known) < len(shards):
+            self.list_now.set()
+        return known
+
+    def end_cursor(self, shard):
+        """The end cursor of a read-only shard; None for any other shard, or if SLS cannot say now."""
+        with self.lock:
+            if (self.statuses or {}).get(shard) != "readonly" or shard in self.end_cursors:
+                return self.end_cursors.get(shard)
+        s = self.settings
+        try:
+            cursor = self.client.get_end_cursor(s.sls_project, s.sls_logstore, shard).get_cursor()
+        except Exception as exc:  # as in refresh(): the checkpoint thread that asks must go on
+            if self.warned.ready("end"):
+                log.warning("cannot read the end cursor of read-only shard %d (%s); retrying",
+                            shard, describe_error(exc))
+            return None
+        with self.lock:
+            self.end_cursors[shard] = cursor
+        return cursor
+
+    def made_while_running(self, shard):
+        """Did a split or merge make this shard while this process runs? (Listings, not createTime,
+        tell: that is SLS's clock, and counts whole seconds.)"""
+        with self.lock:
+            return self.first_listed is not None and shard not in self.first_listed
+
+
 class Forwarder:
     """Everything one consumer process shares across its shards."""
 
@@ -3047,6 +3160,9 @@ class Forwarder:
         self.ceiling = EventsPerSecond(settings) if settings.syslog_max_eps else None
         self.trackers = {}  # shard -> checkpoint tracker of its processor
         self.encoding = {}  # shard -> (monotonic time, logs) of the batch being encoded (supervise)
+        self.shards = ShardDirectory(settings)
+        self.held = {}  # shard -> checkpoint tracker of each shard consumer (WafConsumerWorker)
+        self.finished = weakref.WeakSet()  # trackers of read-only shards whose end was saved
         self.note_syslog_target()
 
     def note_syslog_target(self):
@@ -3076,19 +3192,39 @@ class Forwarder:
         while not self.stop.wait(interval):
             for tracker in list(self.trackers.values()):
                 save_delivered_checkpoint(tracker)
+            self.finish_read_only_shards()
+
+    def finish_read_only_shards(self):
+        """Save the end cursor of each held read-only shard whose every log was delivered, even if
+        that very checkpoint was saved before. SLS releases a read-only shard (and, in order mode,
+        hands out its children) when a checkpoint write puts it at its end, but the SDK writes only
+        after a batch with data and never writes the same checkpoint twice: a read-only shard that
+        never held data, or was already saved at its end, stayed held until the consumer stopped."""
+        for shard, tracker in list(self.held.items()):
+            if tracker in self.finished:
+                continue
+            end = cursor_number(self.shards.end_cursor(shard) or "")
+            if end is not None and cursor_number(tracker.get_check_point()) == end \
+                    and save_delivered_checkpoint(tracker, again=True):
+                self.finished.add(tracker)
+                log.info("shard %d is read-only and every log in it was delivered: its end checkpoint "
+                         "is saved, so SLS releases it", shard)
 
 
-def save_delivered_checkpoint(tracker):
-    """Persist a shard's delivered position (a failed write is kept by ResilientConsumerClient).
+def save_delivered_checkpoint(tracker, again=False):
+    """Persist a shard's delivered position (a failed write is kept by ResilientConsumerClient);
+    again=True writes it even if it is the position saved last. True if SLS stored it now.
 
     Not the SDK's tracker.flush_check_point(): it reads the position before the write and again
     after it, so when process() moves it meanwhile (the flush thread runs beside it) it records
     as saved a position it never wrote, and the shard's last position is then never saved."""
     with tracker.lock:
         cursor = tracker.get_check_point()
-        if cursor and cursor != tracker.last_persistent_checkpoint:
-            tracker.consumer_group_client.update_check_point(tracker.shard_id, tracker.consumer_name, cursor)
-            tracker.set_persistent_check_point(cursor)
+        if not cursor or (cursor == tracker.last_persistent_checkpoint and not again):
+            return False
+        stored = tracker.consumer_group_client.update_check_point(tracker.shard_id, tracker.consumer_name, cursor)
+        tracker.set_persistent_check_point(cursor)
+        return stored
 
 
 class FilteredPull:
@@ -3180,6 +3316,8 @@ class WafConsumerWorker(ConsumerWorker):
     * fetching by volume: before each round's pulls, every shard consumer is told how many
       LogGroups to ask for (FetchBudget), and the rounds follow each other at SLS_FETCH_INTERVAL
       while a shard has a backlog, IDLE_INTERVAL otherwise;
+    * the forwarder is shown the checkpoint tracker of each shard consumer (`held`, for
+      Forwarder.finish_read_only_shards);
     * `last_round`: when its loop last went round, so supervise() sees a stuck loop."""
 
     IDLE_INTERVAL = 0.25  # seconds between rounds without a backlog (idle shards are pulled 2/s anyway)
@@ -3200,6 +3338,7 @@ class WafConsumerWorker(ConsumerWorker):
         client.ensure_consumer_group_created(config.consumer_group_time_out, config.in_order)
         self.heart_beat = ConsumerHeatBeat(client, config.heartbeat_interval, config.consumer_group_time_out)
         self.own_executor, self._executor = True, ThreadPoolExecutor(max_workers=config.worker_pool_size)
+        self.forwarder = forwarder
         self.budget = forwarder.budget
         self.backlog_interval = config.data_fetch_interval
         self.last_round = time.monotonic()  # supervise() checks that the loop keeps going round
@@ -3212,6 +3351,7 @@ class WafConsumerWorker(ConsumerWorker):
             for shard in set(beat.mheart_shards) - set(beat.mheld_shards) - set(self.shard_consumers):
                 beat.remove_heart_shard(shard)
         held = list(self.shard_consumers.items())
+        self.forwarder.held = {shard: consumer.checkpoint_tracker for shard, consumer in held}
         for shard, consumer in held:  # read when the shard consumer makes its next pull
             consumer.max_fetch_log_group_size = self.budget.groups(shard, len(held))
         self.option.data_fetch_interval = (self.backlog_interval if self.budget.backlog()
@@ -3314,15 +3454,21 @@ class ResilientConsumerClient(ConsumerClient):
       logged (once a minute per shard) and made again after a backoff (PULL_RETRY_DELAY, doubling
       up to PULL_RETRY_MAX_DELAY). The SDK would decompress any size, follow a bad cursor to the
       end of the shard, or print the traceback of a pull that does not parse twice a second;
-    * a pull that SLS_QUERY filtered to nothing is a FilteredPull, so its checkpoint moves on."""
+    * a pull that SLS_QUERY filtered to nothing is a FilteredPull, so its checkpoint moves on;
+    * the SDK starts a shard consumer for every shard id a heartbeat answer names; here only for
+      those ListShards lists (`shards`, the process's ShardDirectory: ShardDirectory.listed);
+    * with SLS_CURSOR_START=end, the SDK starts a shard without a checkpoint at its end, so a shard
+      a split or merge made would lose what was written to it before the group handed it out;
+      here such a shard, made while this process runs, starts at its beginning."""
 
-    def __init__(self, settings, credentials, stats):
+    def __init__(self, settings, credentials, stats, shards):
         super().__init__(settings.sls_endpoint, None, None, settings.sls_project, settings.sls_logstore,
                          settings.sls_cg, settings.sls_consumer_name, accept_compress_type="lz4")
         self.mclient = sls_client(settings, credentials)  # every method sends through mclient
         self.mclient.set_user_agent(f"{USER_AGENT}-consumergroup-{settings.sls_cg}-{settings.sls_consumer_name}")
         self.credentials = credentials
         self.stats = stats  # counts failed pulls, checkpoint writes and failures
+        self.shards = shards
         self.unsaved = {}  # shard -> (consumer, cursor) whose write failed
         self.unsaved_lock = threading.Lock()
         self.pull_failures = {}  # shard -> (failed pulls in a row, monotonic time of the next try)
@@ -3333,7 +3479,8 @@ class ResilientConsumerClient(ConsumerClient):
             self.credentials.refused(exc)
 
     def heartbeat(self, shards, responce=None):
-        """The SDK's heartbeat, but a refusal is reported (the SDK's only logs it)."""
+        """The SDK's heartbeat, but a refusal is reported (the SDK's only logs it), and the answer
+        keeps only the shards ListShards lists."""
         try:
             granted = self.mclient.heart_beat(self.mproject, self.mlogstore, self.mconsumer_group,
                                               self.mconsumer, shards).get_shards()
@@ -3344,8 +3491,13 @@ class ResilientConsumerClient(ConsumerClient):
                             exc.get_error_message())
             return False
         if responce is not None:
-            responce.extend(granted)
+            responce.extend(self.shards.listed(granted))
         return True
+
+    def get_end_cursor(self, shard_id):
+        if self.shards.made_while_running(shard_id):
+            return self.get_begin_cursor(shard_id)
+        return super().get_end_cursor(shard_id)
 
     def pull_logs(self, shard_id, cursor, **kwargs):
         """The pull, with its LogGroups read into response.log_groups (a FilteredPull if SLS_QUERY
@@ -3410,6 +3562,7 @@ class ResilientConsumerClient(ConsumerClient):
         return PullFailed(code, message, resp_status=status)
 
     def update_check_point(self, shard, consumer, check_point):
+        """True if SLS stored the checkpoint; if not, it is kept for the next write."""
         try:
             super().update_check_point(shard, consumer, check_point)
         except LogException as exc:
@@ -3420,13 +3573,14 @@ class ResilientConsumerClient(ConsumerClient):
             if self.warned.ready("checkpoint"):
                 log.warning("cannot save checkpoints in SLS (%s: %s); keeping them to retry "
                             "with the next write", exc.get_error_code(), exc.get_error_message())
-            return
+            return False
         self.stats.add(checkpoint_writes=1)
         with self.unsaved_lock:
             self.unsaved.pop(shard, None)
             retry = list(self.unsaved.items())
         for other, (other_consumer, other_cursor) in retry:
             self.update_check_point(other, other_consumer, other_cursor)
+        return True
 
     def save_unsaved(self):
         """One more attempt for every checkpoint whose write failed (called at exit)."""
@@ -3473,6 +3627,7 @@ def consumer_config(settings):
         max_fetch_log_group_size=settings.sls_max_fetch_groups,
         worker_pool_size=settings.sls_worker_pool_size,
         query=settings.sls_query or None, processor=settings.sls_consume_processor or None,
+        in_order=settings.sls_in_order,
         accept_compress_type="lz4")  # the only compression this file accepts (bound_answers)
 
 
@@ -3528,8 +3683,11 @@ def sdk_internals():
          ConsumerClient, "pull_logs", {"mclient"}),
         ("LogClient sends every request through its requests Session, _session (bound_answers)",
          LogClient, "_get_http_sender", {"_session"}),
-        ("the heartbeat notes when SLS answered it in last_hearbeat_successed_unixtime (ConsumerMonitor)",
-         ConsumerHeatBeat, "run", {"last_hearbeat_successed_unixtime"}),
+        ("the heartbeat asks its log_client's heartbeat() for the shards (ResilientConsumerClient."
+         "heartbeat) and notes when SLS answered in last_hearbeat_successed_unixtime (ConsumerMonitor)",
+         ConsumerHeatBeat, "run", {"log_client", "heartbeat", "last_hearbeat_successed_unixtime"}),
+        ("a shard consumer hands process() its checkpoint_tracker (Forwarder.finish_read_only_shards)",
+         ShardConsumerWorker, "_generate_next_task", {"checkpoint_tracker"}),
     ]
 
 
@@ -4085,7 +4243,7 @@ def run(settings, status_file=None, progress_bar=False):
     if credentials is None:
         return EXIT_FAILURE
     forwarder = Forwarder(settings, stop)
-    client = ResilientConsumerClient(settings, credentials, forwarder.stats)
+    client = ResilientConsumerClient(settings, credentials, forwarder.stats, forwarder.shards)
     try:
         worker = WafConsumerWorker(forwarder, consumer_config(settings), client)
     except ClientWorkerException as exc:
@@ -4101,6 +4259,7 @@ def run(settings, status_file=None, progress_bar=False):
     log.info("consumer %s of group %s on %s/%s -> %s %s%s", settings.sls_consumer_name,
              settings.sls_cg, settings.sls_project, settings.sls_logstore, settings.syslog_protocol,
              ",".join(map(str, targets)), f" ({settings.syslog_balance})" if len(targets) > 1 else "")
+    forwarder.shards.start(sls_client(settings, credentials), stop)
     worker.start()
     threading.Thread(target=forwarder.flush_checkpoints, name="checkpoints", daemon=True).start()
     status = supervise(settings, worker, forwarder, stop, monitor)
@@ -4405,7 +4564,8 @@ def dry_run(settings):
 
 
 def worker_count(settings):
-    """SYNC_WORKERS as a number: "auto" is one process per CPU core, but no more than shards."""
+    """SYNC_WORKERS as a number: "auto" is one process per CPU core, but no more than shards (those
+    a split or merge left read-only, soon consumed to their end, do not count)."""
     if settings.sync_workers != "auto":
         return settings.sync_workers
     cores = os.cpu_count() or 1
@@ -4414,8 +4574,8 @@ def worker_count(settings):
         log.warning("cannot count the shards without credentials; starting one worker per core")
         return cores
     try:
-        shards = len(sls_client(settings, credentials).list_shards(settings.sls_project, settings.sls_logstore)
-                     .get_shards_info())
+        listed = sls_client(settings, credentials).list_shards(settings.sls_project, settings.sls_logstore)
+        shards = sum(1 for shard in listed.get_shards_info() if shard.get("status", "readwrite") != "readonly")
     except LogException as exc:
         log.warning("cannot count the shards (%s); starting one worker per core", exc.get_error_code())
         return cores

@@ -95,6 +95,13 @@ class ForwarderProcess:
         raise AssertionError(f"{text!r} not in the forwarder's log:\n{self.stderr()[-3000:]}")
 
 
+def problem_lines(log_text):
+    """The warnings and errors of a forwarder's log, but the one at start about the emulator's
+    plain-HTTP endpoint."""
+    return [line for line in log_text.splitlines()
+            if (" WARNING " in line or " ERROR " in line) and "is plain HTTP" not in line]
+
+
 def with_fault(name, *args):
     """python_args for ForwarderProcess: the forwarder with the change tests/injected_faults.py's
     `name`(fwd, *args) makes to it (or to the interpreter), then its main()."""

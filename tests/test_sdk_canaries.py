@@ -8,6 +8,7 @@ requirements.txt, run this file (README.md, "Upgrading the SDK"):
     python -m pytest -q tests/test_sdk_canaries.py
 """
 import collections
+import copy
 import re
 import subprocess
 import sys
@@ -52,9 +53,9 @@ def config(emulator, name="canary"):
                         data_fetch_interval=0.05, max_fetch_log_group_size=2)
 
 
-def consumer_client(emulator, name="canary"):
+def consumer_client(emulator, name="canary", client_class=ConsumerClient):
     """A ConsumerClient of the canaries' consumer group, which it creates if need be."""
-    client = ConsumerClient(emulator.endpoint, AKID, SECRET, PROJECT, LOGSTORE, GROUP, name)
+    client = client_class(emulator.endpoint, AKID, SECRET, PROJECT, LOGSTORE, GROUP, name)
     client.ensure_consumer_group_created(2, False)
     return client
 
@@ -76,6 +77,7 @@ class Probe(ConsumerProcessorBase):
 
     def process(self, data, tracker):
         self.seen["processed"].append((getattr(self, "shard_id", None), tracker.shard_id, data))
+        self.seen["trackers"].append(tracker)
         self.save_checkpoint(tracker, force=True)
 
 
@@ -103,12 +105,12 @@ def stop(worker):
 # The canaries: one per entry of fwd.sdk_internals()
 # ------------------------------------------------------------------------------------------------
 
-def canary_preprocessor(emulator, shard_consumer_class):
-    """A shard consumer hands each pull to processor._preprocessor and process() gets its result."""
+def run_shard_consumer(emulator, shard_consumer_class):
+    """A shard consumer of shard 0 with a Probe, run until it processed two batches; (it, what the
+    Probe saw)."""
     seen = collections.defaultdict(list)
-    processor = Probe(seen)
     with ThreadPoolExecutor(2) as executor:
-        consumer = shard_consumer_class(consumer_client(emulator), 0, "canary", processor,
+        consumer = shard_consumer_class(consumer_client(emulator), 0, "canary", Probe(seen),
                                         CursorPosition.BEGIN_CURSOR, None, executor=executor,
                                         max_fetch_log_group_size=2)
 
@@ -117,10 +119,24 @@ def canary_preprocessor(emulator, shard_consumer_class):
             return seen["processed"]
 
         poll(consume, lambda processed: len(processed) >= 2, timeout=15, interval=0.05)
+    return consumer, seen
+
+
+def canary_preprocessor(emulator, shard_consumer_class):
+    """A shard consumer hands each pull to processor._preprocessor and process() gets its result."""
+    _, seen = run_shard_consumer(emulator, shard_consumer_class)
     processed = seen["processed"]
     ok = bool(processed) and all(isinstance(data, tuple) and data[0] == "marked" for _, _, data in processed) \
         and all(isinstance(response, PullLogResponse) for response in seen["preprocessed"])
     return ok, f"{len(processed)} batches processed; first: {str(processed[:1])[:200]}"
+
+
+def canary_checkpoint_tracker(emulator, shard_consumer_class):
+    """process() gets the shard consumer's own checkpoint_tracker, so what it saves there is what
+    the forwarder reads from shard_consumers[shard].checkpoint_tracker."""
+    consumer, seen = run_shard_consumer(emulator, shard_consumer_class)
+    own = [tracker is consumer.checkpoint_tracker for tracker in seen["trackers"]]
+    return bool(own) and all(own), f"the consumer's own tracker in each batch: {own}"
 
 
 def canary_raw_body(emulator, response_class):
@@ -278,6 +294,29 @@ def canary_heartbeat_lists(emulator, heartbeat_class):
         beat.join(10)
 
 
+class FirstShardOnly(ConsumerClient):
+    """A client whose heartbeat answers keep shard 0 only."""
+
+    def heartbeat(self, shards, responce=None):
+        answer = []
+        beat = super().heartbeat(shards, answer)
+        responce.extend(shard for shard in answer if shard == 0)
+        return beat
+
+
+def canary_heartbeat_client(emulator, heartbeat_class):
+    """The heartbeat thread asks its log_client's heartbeat() for the shards, so that
+    ResilientConsumerClient.heartbeat can leave out those ListShards does not list."""
+    beat = heartbeat_class(consumer_client(emulator, client_class=FirstShardOnly), 1, 2)
+    beat.start()
+    try:
+        held = poll(beat.get_held_shards, bool, timeout=15)
+        return held == [0], f"held {held} (the emulator grants [0, 1])"
+    finally:
+        beat.shutdown()
+        beat.join(10)
+
+
 def canary_remove_heart_shard(emulator, heartbeat_class):
     """remove_heart_shard takes a shard out of both lists."""
     beat = heartbeat_class(consumer_client(emulator), 1, 2)
@@ -369,6 +408,15 @@ class IgnoresThePreprocessor(ShardConsumerWorker):
         self.preprocessor = to_log_group_list_pb
 
 
+class HandsProcessACopyOfItsTracker(ShardConsumerWorker):
+    def _generate_next_task(self):
+        kept, self.checkpoint_tracker = self.checkpoint_tracker, copy.copy(self.checkpoint_tracker)
+        try:
+            super()._generate_next_task()
+        finally:
+            self.checkpoint_tracker = kept
+
+
 class ParsesAtOnce(PullLogResponse):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -435,15 +483,40 @@ class HeartbeatsWithItsFirstClient(ConsumerClient):
         return True
 
 
-class LocksSomethingElse(ConsumerHeatBeat):
-    def run(self):  # the SDK's loop, changing the lists under a lock of its own
-        own_lock = threading.RLock()
+class HeartbeatLoop(ConsumerHeatBeat):
+    """The SDK's heartbeat loop, simplified: it asks shards_granted() (None if it failed) and
+    changes the lists under lists_lock()."""
+
+    def shards_granted(self):
+        granted = []
+        return granted if self.log_client.heartbeat(self.mheart_shards, granted) else None
+
+    def lists_lock(self):
+        return self.lock
+
+    def run(self):
         while not self.shut_down_flag:
-            granted = []
-            if self.log_client.heartbeat(self.mheart_shards, granted):
-                with own_lock:
+            granted = self.shards_granted()
+            if granted is not None:
+                with self.lists_lock():
                     self.mheart_shards, self.mheld_shards = list(set(self.mheart_shards + granted)), granted
             time.sleep(self.heartbeat_interval)
+
+
+class LocksSomethingElse(HeartbeatLoop):
+    own_lock = threading.RLock()
+
+    def lists_lock(self):
+        return self.own_lock
+
+
+class AsksSlsItself(HeartbeatLoop):
+    """Sends the heartbeat through its client's LogClient, past the client's heartbeat()."""
+
+    def shards_granted(self):
+        client = self.log_client
+        return client.mclient.heart_beat(client.mproject, client.mlogstore, client.mconsumer_group,
+                                         client.mconsumer, self.mheart_shards).get_shards()
 
 
 class RenamedLists(ConsumerHeatBeat):
@@ -490,6 +563,7 @@ class PullsThroughAnotherClient(ConsumerClient):
 
 CANARIES = {  # (canary, the real SDK class, its broken stand-in)
     "preprocessor": (canary_preprocessor, ShardConsumerWorker, IgnoresThePreprocessor),
+    "checkpoint_tracker": (canary_checkpoint_tracker, ShardConsumerWorker, HandsProcessACopyOfItsTracker),
     "raw body": (canary_raw_body, PullLogResponse, ParsesAtOnce),
     "clean_shard_consumer": (canary_clean_shard_consumer, ConsumerWorker, LoopWithoutCleanup),
     "data_fetch_interval": (canary_fetch_interval, ConsumerWorker, KeepsItsFirstInterval),
@@ -500,6 +574,7 @@ CANARIES = {  # (canary, the real SDK class, its broken stand-in)
     "heartbeat lists": (canary_heartbeat_lists, ConsumerHeatBeat, LocksSomethingElse),
     "remove_heart_shard": (canary_remove_heart_shard, ConsumerHeatBeat, RenamedLists),
     "heartbeat answered": (canary_heartbeat_answered, ConsumerHeatBeat, LocksSomethingElse),
+    "heartbeat client": (canary_heartbeat_client, ConsumerHeatBeat, AsksSlsItself),
     "tracker": (canary_tracker, ConsumerCheckpointTracker, FlushesWithoutTheLock),
     "shut_down_flag": (canary_shut_down_flag, ConsumerWorker, IgnoresShutDownFlag),
     "shard_id": (canary_shard_id, Probe, ForgetsItsShard),
