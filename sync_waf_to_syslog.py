@@ -2877,7 +2877,7 @@ def sls_client(settings, credentials):
     --dry-run, counting shards, the consumer)."""
     client = LogClient(settings.sls_endpoint, auth_version=settings.sls_auth_version,
                        region=settings.sls_region, credentials_provider=credentials)
-    bound_answers(client)
+    bound_answers(client, answer_limit(settings))
     return client
 
 
@@ -2984,8 +2984,10 @@ class FetchBudget:
     prefetches one while another waits and a third is sent). A LogGroup's size is learnt from each
     shard's pulls (x-log-bodyrawsize / x-log-count). Under SYSLOG_MAX_EPS a pull carries at most one
     second of the ceiling's logs: more could not go faster, and a stop repeats what a batch has
-    already sent (its checkpoint moves once it is all sent). Thread-safe: fetch tasks report, the
-    worker loop asks."""
+    already sent (its checkpoint moves once it is all sent).
+
+    ResilientConsumerClient.pull_logs asks groups() and reports the answer (observe_pull); the
+    worker loop tells how many shards it holds and reads asked() and backlog(). Thread-safe."""
 
     PULLS_PER_SHARD = 3
     FIRST_GROUP_BYTES = 1 << 20  # until a shard's pulls tell: assume big LogGroups, pull few
@@ -2997,45 +2999,55 @@ class FetchBudget:
         self.most_groups = settings.sls_max_fetch_groups
         self.most_logs = settings.syslog_max_eps  # 0: no ceiling
         self.lock = threading.Lock()
+        self.shards_held = 1
         self.group_bytes = {}  # shard -> raw bytes of one of its LogGroups, as learnt
         self.group_logs = {}   # shard -> logs in one of its LogGroups, as learnt (under a ceiling)
-        self.asked = {}        # shard -> LogGroups its last pull was given to ask for
+        self.last_asked = {}   # shard -> LogGroups its last pull asked for
         self.full = {}         # shard -> whether its last pull got all it asked for (a backlog)
 
-    def groups(self, shard, shards_held):
-        """The LogGroups the shard's next pull asks for, when this process holds shards_held."""
-        pull_bytes = min(self.pull_bytes, self.buffer_bytes // (self.PULLS_PER_SHARD * max(1, shards_held)))
+    def hold(self, shards):
+        """The worker holds this many shards: they share SLS_BUFFER_BYTES."""
+        self.shards_held = max(1, shards)
+
+    def groups(self, shard):
+        """The LogGroups the shard's next pull asks for (noted: asked())."""
+        pull_bytes = min(self.pull_bytes, self.buffer_bytes // (self.PULLS_PER_SHARD * self.shards_held))
         with self.lock:
             count = min(self.most_groups, int(pull_bytes / self.group_bytes.get(shard, self.FIRST_GROUP_BYTES)))
             if self.most_logs:
                 count = min(count, int(self.most_logs / self.group_logs.get(shard, self.most_logs)))
-            count = self.asked[shard] = max(1, count)
+            count = self.last_asked[shard] = max(1, count)
         return count
 
-    def observe(self, shard, groups, raw_bytes, logs=None):
-        """A pull of the shard came back with `groups` LogGroups, `raw_bytes` uncompressed (holding
-        `logs` logs, when known)."""
+    def asked(self, shard, default):
+        """The LogGroups the shard's last pull asked for (default before its first)."""
+        with self.lock:
+            return self.last_asked.get(shard, default)
+
+    def observe(self, shard, asked, groups, raw_bytes, logs=None):
+        """A pull of the shard that asked for `asked` LogGroups came back with `groups`, `raw_bytes`
+        uncompressed (holding `logs` logs, when known)."""
         with self.lock:
             if groups > 0:
                 self.learn(self.group_bytes, shard, raw_bytes / groups)
                 if logs:
                     self.learn(self.group_logs, shard, logs / groups)
-            self.full[shard] = groups > 0 and (groups >= self.asked.get(shard, self.most_groups)
-                                               or raw_bytes >= self.pull_bytes)
+            self.full[shard] = groups > 0 and groups >= asked
 
     def learn(self, sizes, shard, size):
         known = sizes.get(shard)
         sizes[shard] = size if known is None else known + self.LEARNING * (size - known)
 
-    def observe_pull(self, shard, response, groups):
+    def observe_pull(self, shard, asked, response, groups):
         """observe() a PullLogResponse and its LogGroups (read_pull); with a statement (SLS_QUERY),
         what SLS read before it filtered, which is what `count` bounds."""
         logs = sum(len(group.Logs) for group in groups)
         read_groups = response.get_raw_log_group_count_before_query()  # -1 without a statement
         if read_groups >= 0:
-            self.observe(shard, read_groups, response.get_raw_size_before_query(), logs + logs_filtered_by_sls(response))
+            self.observe(shard, asked, read_groups, response.get_raw_size_before_query(),
+                         logs + logs_filtered_by_sls(response))
         else:
-            self.observe(shard, response.get_loggroup_count(), response.get_raw_size(), logs)
+            self.observe(shard, asked, response.get_loggroup_count(), response.get_raw_size(), logs)
 
     def backlog(self):
         """Whether some shard's last pull was full: logs are waiting."""
@@ -3258,7 +3270,6 @@ class WafLogProcessor(ConsumerProcessorBase):
         """The pull as process() takes it: its LogGroups (which ResilientConsumerClient.pull_logs
         read) and how many logs SLS filtered out of it (SLS_QUERY), after noting its size for the
         fetch budget. It runs in the SDK's fetch task, for every pull."""
-        self.forwarder.budget.observe_pull(self.shard_id, response, response.log_groups)
         return Pull(response.log_groups, logs_filtered_by_sls(response))
 
     def process(self, pull, tracker):
@@ -3313,8 +3324,8 @@ class WafConsumerWorker(ConsumerWorker):
       worker (a heartbeat interval not much longer than the fetch interval) never got a shard
       consumer, so it stayed listed for ever and the group never handed it to the consumer it now
       belongs to: nobody read it. Here such shards leave the heartbeat;
-    * fetching by volume: before each round's pulls, every shard consumer is told how many
-      LogGroups to ask for (FetchBudget), and the rounds follow each other at SLS_FETCH_INTERVAL
+    * fetching by volume: each pull asks for what the FetchBudget says (ResilientConsumerClient),
+      the SDK judges it by that count, and the rounds follow each other at SLS_FETCH_INTERVAL
       while a shard has a backlog, IDLE_INTERVAL otherwise;
     * the forwarder is shown the checkpoint tracker of each shard consumer (`held`, for
       Forwarder.finish_read_only_shards);
@@ -3352,18 +3363,30 @@ class WafConsumerWorker(ConsumerWorker):
                 beat.remove_heart_shard(shard)
         held = list(self.shard_consumers.items())
         self.forwarder.held = {shard: consumer.checkpoint_tracker for shard, consumer in held}
-        for shard, consumer in held:  # read when the shard consumer makes its next pull
-            consumer.max_fetch_log_group_size = self.budget.groups(shard, len(held))
+        self.budget.hold(len(held))
+        # The SDK judges a finished pull by its count against max_fetch_log_group_size (fewer: the
+        # shard is idle, its next pull waits up to 0.5 s): give it what the pull asked for, as
+        # ResilientConsumerClient.pull_logs asks the FetchBudget, whatever the SDK passes.
+        for shard, consumer in held:
+            consumer.max_fetch_log_group_size = self.budget.asked(shard, self.option.max_fetch_log_group_size)
         self.option.data_fetch_interval = (self.backlog_interval if self.budget.backlog()
                                            else max(self.backlog_interval, self.IDLE_INTERVAL))
 
 
-# Every SLS answer is read whole into memory, then decompressed and parsed: its size is capped.
-# An answer larger than this, or declaring more uncompressed bytes, is refused (a failed pull,
-# tried again), so that no answer, real or forged, can take the memory. SLS answers far less: it
-# stops a pull at a few MB (the emulator at 10 MB), and one LogGroup holds at most 5 MB. The
-# adaptive fetch size (issue 12) is to derive this cap from its byte budget.
-MAX_PULL_BYTES = 64 << 20
+# Every SLS answer is read whole into memory, then decompressed and parsed: its size is capped
+# (answer_limit: four pulls' worth, at least this). An answer larger than that, or
+# declaring more uncompressed bytes, is refused (a failed pull, tried again), so that no answer,
+# real or forged, can take the memory. SLS answers far less: it stops a pull at a few MB (the
+# emulator at 10 MB), and one LogGroup holds at most 5 MB.
+MIN_ANSWER_LIMIT = 32 << 20
+
+
+def answer_limit(settings):
+    """The most bytes an SLS answer may have, compressed or not (bound_answers): a pull asks for
+    about SLS_FETCH_BYTES, yet one LogGroup can hold several MB and SLS answers up to 10 MB."""
+    return max(MIN_ANSWER_LIMIT, 4 * settings.sls_fetch_bytes)
+
+
 PULL_RETRY_DELAY, PULL_RETRY_MAX_DELAY = 0.5, 30.0  # seconds: backoff after failed pulls of a shard
 
 
@@ -3383,7 +3406,7 @@ class BoundedBody:
             self.size += len(chunk)
             if self.size > self.limit:
                 self.raw.close()
-                raise UnsafeAnswer(f"the answer is longer than MAX_PULL_BYTES={self.limit} bytes")
+                raise UnsafeAnswer(f"the answer is longer than {self.limit} bytes (SLS_FETCH_BYTES: a quarter of it)")
             yield chunk
 
     def close(self):
@@ -3393,11 +3416,11 @@ class BoundedBody:
         self.raw.release_conn()
 
 
-def refuse_unsafe_answer(response, **_):
+def refuse_unsafe_answer(response, limit):
     """A requests response hook (see bound_answers), run before the body is read: refuses a
     redirect (SLS never redirects, and the STS token header would follow it), an answer compressed
     other than as asked (a Content-Encoding, or an x-log-compresstype other than lz4: the SDK would
-    inflate deflate without a limit), and one larger than MAX_PULL_BYTES, by its Content-Length,
+    inflate deflate without a limit), and one larger than `limit` bytes, by its Content-Length,
     its x-log-bodyrawsize (the size lz4 decompresses to, at most) or in fact. The SDK turns the
     exception into a LogException (LogRequestError) carrying its text."""
     headers = response.headers
@@ -3411,16 +3434,17 @@ def refuse_unsafe_answer(response, **_):
         raise UnsafeAnswer(f"the answer is compressed as {compress_type[:40]!r}; only lz4 was asked for")
     for name in ("Content-Length", "x-log-bodyrawsize"):
         size = (headers.get(name) or "0").strip()
-        if not size.isdigit() or int(size) > MAX_PULL_BYTES:
-            raise UnsafeAnswer(f"the answer's {name} is {size[:20]!r}, more than "
-                               f"MAX_PULL_BYTES={MAX_PULL_BYTES}")
-    response.raw = BoundedBody(response.raw, MAX_PULL_BYTES)
+        if not size.isdigit() or int(size) > limit:
+            raise UnsafeAnswer(f"the answer's {name} is {size[:20]!r}, more than {limit} "
+                               "(SLS_FETCH_BYTES: a quarter of it)")
+    response.raw = BoundedBody(response.raw, limit)
 
 
-def bound_answers(log_client):
-    """Make every answer to an SDK LogClient pass refuse_unsafe_answer: the client sends each request
-    through its requests Session (its _session), whose response hooks run before the body is read."""
-    log_client._session.hooks["response"].append(refuse_unsafe_answer)
+def bound_answers(log_client, limit):
+    """Make every answer to an SDK LogClient pass refuse_unsafe_answer with `limit`: the client sends
+    each request through its requests Session (its _session), whose response hooks run before the
+    body is read."""
+    log_client._session.hooks["response"].append(lambda response, **_: refuse_unsafe_answer(response, limit))
 
 
 class PullFailed(LogException):
@@ -3461,7 +3485,7 @@ class ResilientConsumerClient(ConsumerClient):
       a split or merge made would lose what was written to it before the group handed it out;
       here such a shard, made while this process runs, starts at its beginning."""
 
-    def __init__(self, settings, credentials, stats, shards):
+    def __init__(self, settings, credentials, stats, shards, budget):
         super().__init__(settings.sls_endpoint, None, None, settings.sls_project, settings.sls_logstore,
                          settings.sls_cg, settings.sls_consumer_name, accept_compress_type="lz4")
         self.mclient = sls_client(settings, credentials)  # every method sends through mclient
@@ -3469,6 +3493,7 @@ class ResilientConsumerClient(ConsumerClient):
         self.credentials = credentials
         self.stats = stats  # counts failed pulls, checkpoint writes and failures
         self.shards = shards
+        self.budget = budget
         self.unsaved = {}  # shard -> (consumer, cursor) whose write failed
         self.unsaved_lock = threading.Lock()
         self.pull_failures = {}  # shard -> (failed pulls in a row, monotonic time of the next try)
@@ -3505,6 +3530,7 @@ class ResilientConsumerClient(ConsumerClient):
         failures, next_try = self.pull_failures.get(shard_id, (0, 0.0))
         if time.monotonic() < next_try:
             raise PullDeferred("PullDeferred", f"shard {shard_id} waits after {failures} failed pulls")
+        asked = kwargs["count"] = self.budget.groups(shard_id)  # fetching by volume (FetchBudget)
         try:
             response = self.pull_resuming_expired(shard_id, cursor, **kwargs)
         except LogException as exc:
@@ -3525,6 +3551,7 @@ class ResilientConsumerClient(ConsumerClient):
             raise self.failed_pull(shard_id, failures, "BadPullBody",
                                    f"the pulled LogGroups do not parse: {describe_error(exc)}") from None
         self.pull_failures.pop(shard_id, None)
+        self.budget.observe_pull(shard_id, asked, response, response.log_groups)
         if response.get_loggroup_count() == 0 and next_cursor != cursor:
             return FilteredPull(response)
         return response
@@ -4243,7 +4270,7 @@ def run(settings, status_file=None, progress_bar=False):
     if credentials is None:
         return EXIT_FAILURE
     forwarder = Forwarder(settings, stop)
-    client = ResilientConsumerClient(settings, credentials, forwarder.stats, forwarder.shards)
+    client = ResilientConsumerClient(settings, credentials, forwarder.stats, forwarder.shards, forwarder.budget)
     try:
         worker = WafConsumerWorker(forwarder, consumer_config(settings), client)
     except ClientWorkerException as exc:
@@ -4542,12 +4569,12 @@ def dry_run(settings):
             end = client.get_cursor(project, logstore, shard_id,
                                     settings.sls_cursor_end or "end").get_cursor()
             while cursor != end:
-                response = client.pull_logs(project, logstore, shard_id, cursor,
-                                            count=budget.groups(shard_id, 1), end_cursor=end,
+                asked = budget.groups(shard_id)
+                response = client.pull_logs(project, logstore, shard_id, cursor, count=asked, end_cursor=end,
                                             query=settings.sls_query or None,
                                             processor=settings.sls_consume_processor or None)
                 groups = read_pull(response)
-                budget.observe_pull(shard_id, response, groups)
+                budget.observe_pull(shard_id, asked, response, groups)
                 messages = encoder.encode(groups).messages
                 for message in messages:
                     sys.stdout.buffer.write(message + b"\n")

@@ -22,35 +22,44 @@ def budget(**env):
 
 def test_a_pull_asks_for_what_carries_the_target_volume():
     rule = budget(SLS_FETCH_BYTES="2M", SLS_BUFFER_BYTES="64M")
-    assert rule.groups(0, 1) == 2  # nothing learnt yet: LogGroups are assumed big (1 MB)
-    rule.observe(0, 2, 2 * 1500)  # one 1.5 KB log per LogGroup
-    assert rule.groups(0, 1) == 1000  # 2 MB would be 1398 groups: SLS's limit of 1000 applies
-    rule.observe(0, 1000, 200 * 1500 * 1000)  # groups of 200 logs: learnt, not jumped to
-    assert rule.groups(0, 1) == int(2 * MB / ((1500 + 300_000) / 2))
+    assert rule.groups(0) == 2  # nothing learnt yet: LogGroups are assumed big (1 MB)
+    rule.observe(0, 2, 2, 2 * 1500)  # one 1.5 KB log per LogGroup
+    assert rule.groups(0) == 1000  # 2 MB would be 1398 groups: SLS's limit of 1000 applies
+    rule.observe(0, 1000, 1000, 200 * 1500 * 1000)  # groups of 200 logs: learnt, not jumped to
+    assert rule.groups(0) == int(2 * MB / ((1500 + 300_000) / 2))
     for _ in range(20):
-        rule.observe(0, 10, 10 * 300_000)
-    assert rule.groups(0, 1) == 6  # 2 MB / 300 KB
-    assert rule.groups(1, 1) == 2  # each shard learns on its own
+        rule.observe(0, 10, 10, 10 * 300_000)
+    assert rule.groups(0) == 6  # 2 MB / 300 KB
+    assert rule.groups(1) == 2  # each shard learns on its own
+    assert rule.asked(0, 99) == 6 and rule.asked(7, 99) == 99  # what the last pull asked for
 
 
 def test_all_held_shards_together_stay_within_the_buffer():
     rule = budget(SLS_FETCH_BYTES="8M", SLS_BUFFER_BYTES="48M", SLS_MAX_FETCH_GROUPS="1000")
     for shard in range(64):
-        rule.observe(shard, 100, 100 * 10_000)  # 10 KB LogGroups
-    assert rule.groups(0, 2) == int(8 * MB / 10_000)        # few shards: the pull target
-    assert rule.groups(0, 64) == int(48 * MB / 3 / 64 / 10_000)  # many: the buffer, 3 pulls a shard
-    assert rule.groups(0, 10_000) == 1  # never less than one LogGroup
-    assert budget(SLS_MAX_FETCH_GROUPS="50").groups(0, 1) <= 50
+        rule.observe(shard, 100, 100, 100 * 10_000)  # 10 KB LogGroups
+    rule.hold(2)
+    assert rule.groups(0) == int(8 * MB / 10_000)        # few shards: the pull target
+    rule.hold(64)
+    assert rule.groups(0) == int(48 * MB / 3 / 64 / 10_000)  # many: the buffer, 3 pulls a shard
+    rule.hold(10_000)
+    assert rule.groups(0) == 1  # never less than one LogGroup
+    assert budget(SLS_MAX_FETCH_GROUPS="50").groups(0) <= 50
+
+
+def test_under_an_eps_ceiling_a_pull_holds_a_second_of_it():
+    rule = budget(SYSLOG_MAX_EPS="500")
+    rule.observe(0, 2, 2, 2 * 15_000, logs=20)  # 10 logs a LogGroup
+    assert rule.groups(0) == 50  # 500 logs
 
 
 def test_a_backlog_is_a_full_pull():
     rule = budget()
-    asked = rule.groups(3, 1)
-    rule.observe(3, asked - 1, 100)
+    rule.observe(3, 40, 39, 100)
     assert not rule.backlog()
-    rule.observe(3, asked, 100)
+    rule.observe(3, 40, 40, 100)
     assert rule.backlog()
-    rule.observe(3, 0, 0)  # the shard is at its end
+    rule.observe(3, 40, 0, 0)  # the shard is at its end
     assert not rule.backlog()
 
 

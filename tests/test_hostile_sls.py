@@ -20,7 +20,7 @@ from tests.forwarder_process import ForwarderProcess, forwarder_env, run_forward
 from tests.syslog_receiver import SyslogReceiver, ids, loss_report
 from tests.waf_logs import realistic_logs, write_jsonl
 
-BOMB_BYTES = 256 << 20  # what each bomb expands to: four times MAX_PULL_BYTES
+BOMB_BYTES = 256 << 20  # what each bomb expands to: eight times answer_limit at the defaults
 RSS_BOUND_KB = 300 << 10  # README.md, "Security": the forwarder's peak resident size under bombs
 STOP_TIMEOUT = fwd.Settings.from_environment(dict(
     SLS_ENDPOINT="e", SLS_REGION="cn-hangzhou", SLS_AK_ID="i", SLS_AK_KEY="k", SLS_PROJECT="p", SLS_LOGSTORE="l",
@@ -130,7 +130,8 @@ def answer(body=b"", status=200, **headers):
 
 
 def test_answers_are_refused_before_their_body_is_read():
-    too_large = str(fwd.MAX_PULL_BYTES + 1)
+    limit = fwd.MIN_ANSWER_LIMIT
+    too_large = str(limit + 1)
     for refused, reason in (
             (answer(status=302, Location="http://elsewhere.example/"), "redirected"),
             (answer(**{"Content-Encoding": "gzip"}), "Content-Encoding 'gzip'"),
@@ -139,9 +140,9 @@ def test_answers_are_refused_before_their_body_is_read():
             (answer(**{"x-log-bodyrawsize": too_large}), "x-log-bodyrawsize is"),
             (answer(**{"x-log-bodyrawsize": "-1"}), "x-log-bodyrawsize is '-1'")):
         with pytest.raises(fwd.UnsafeAnswer, match=reason):
-            fwd.refuse_unsafe_answer(refused)
+            fwd.refuse_unsafe_answer(refused, limit)
     accepted = answer(b"x" * 1000, **{"x-log-compresstype": "lz4", "x-log-bodyrawsize": "5000"})
-    fwd.refuse_unsafe_answer(accepted)
+    fwd.refuse_unsafe_answer(accepted, limit)
     assert accepted.content == b"x" * 1000
     endless = fwd.BoundedBody(answer(b"x" * 1000).raw, 999)  # a body longer than any header said
     with pytest.raises(fwd.UnsafeAnswer, match="longer than"):
