@@ -660,7 +660,7 @@ def parse_arguments(argv):
     parser.add_argument("--workers", type=int, default=2, help="processes of forwarder_N (default 2)")
     parser.add_argument("--protocol", choices=("tcp", "udp"), default="tcp")
     parser.add_argument("--separator", default=",", help="SYSLOG_SEP of every variant (default ,)")
-    parser.add_argument("--fetch-interval", type=float, default=0.05, help="SLS_FETCH_INTERVAL (default 0.05)")
+    parser.add_argument("--fetch-interval", type=float, default=0.02, help="SLS_FETCH_INTERVAL (default 0.02, the forwarder's)")
     parser.add_argument("--max-fetch-groups", type=int,
                         help="SLS_MAX_FETCH_GROUPS of every variant (default: each its own: the forwarder "
                              "fetches by volume up to 1000 LogGroups, the baseline asks for the SDK's 1000)")
