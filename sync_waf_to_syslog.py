@@ -3197,13 +3197,15 @@ class Forwarder:
                 return False
         return True
 
-    def flush_checkpoints(self, interval=1.0):
+    def flush_checkpoints(self, client, interval=1.0):
         """Save every shard's delivered position in SLS about once a second (a thread of its own,
         as a write can block for the SDK's retries). The SDK alone saves at most every 3 s while
-        data flows and only 30 s after a shard goes idle: a crash then repeats more logs."""
+        data flows and only 30 s after a shard goes idle: a crash then repeats more logs. Writes
+        SLS refused are tried again here too, so a quiet shard's last one is not left until exit."""
         while not self.stop.wait(interval):
             for tracker in list(self.trackers.values()):
                 save_delivered_checkpoint(tracker)
+            client.save_unsaved(set(self.held))
             self.finish_read_only_shards()
 
     def finish_read_only_shards(self):
@@ -3499,6 +3501,7 @@ class ResilientConsumerClient(ConsumerClient):
         self.budget = budget
         self.unsaved = {}  # shard -> (consumer, cursor) whose write failed
         self.unsaved_lock = threading.Lock()
+        self.write_locks = collections.defaultdict(threading.RLock)  # shard -> its checkpoint writes
         self.pull_failures = {}  # shard -> (failed pulls in a row, monotonic time of the next try)
         self.warned = RateLimiter(60)
 
@@ -3592,32 +3595,43 @@ class ResilientConsumerClient(ConsumerClient):
         return PullFailed(code, message, resp_status=status)
 
     def update_check_point(self, shard, consumer, check_point):
-        """True if SLS stored the checkpoint; if not, it is kept for the next write."""
-        try:
-            super().update_check_point(shard, consumer, check_point)
-        except LogException as exc:
-            self.note_refusal(exc)
-            self.stats.add(checkpoint_failures=1)
+        """True if SLS stored the checkpoint; if not, it is kept for save_unsaved. A shard's writes
+        take turns: otherwise a retry of an older failed write could land after a newer one and
+        move the checkpoint back."""
+        with self.unsaved_lock:
+            write_lock = self.write_locks[shard]
+        with write_lock:
+            try:
+                super().update_check_point(shard, consumer, check_point)
+            except LogException as exc:
+                self.note_refusal(exc)
+                self.stats.add(checkpoint_failures=1)
+                with self.unsaved_lock:
+                    self.unsaved[shard] = (consumer, check_point)
+                if self.warned.ready("checkpoint"):
+                    log.warning("cannot save checkpoints in SLS (%s: %s); keeping them, trying again "
+                                "every second", exc.get_error_code(), exc.get_error_message())
+                return False
+            self.stats.add(checkpoint_writes=1)
             with self.unsaved_lock:
-                self.unsaved[shard] = (consumer, check_point)
-            if self.warned.ready("checkpoint"):
-                log.warning("cannot save checkpoints in SLS (%s: %s); keeping them to retry "
-                            "with the next write", exc.get_error_code(), exc.get_error_message())
-            return False
-        self.stats.add(checkpoint_writes=1)
-        with self.unsaved_lock:
-            self.unsaved.pop(shard, None)
-            retry = list(self.unsaved.items())
-        for other, (other_consumer, other_cursor) in retry:
-            self.update_check_point(other, other_consumer, other_cursor)
-        return True
+                self.unsaved.pop(shard, None)
+            return True
 
-    def save_unsaved(self):
-        """One more attempt for every checkpoint whose write failed (called at exit)."""
+    def save_unsaved(self, held=None):
+        """One more attempt for every checkpoint whose write failed, the newest of each shard, or of
+        the shards in `held` only (about once a second by Forwarder.flush_checkpoints: the SDK
+        writes with forceSuccess, so a shard's old position must not land once another consumer
+        holds it), and at exit. True if none is left."""
         with self.unsaved_lock:
-            retry = list(self.unsaved.items())
-        for shard, (consumer, cursor) in retry:
-            self.update_check_point(shard, consumer, cursor)
+            shards = [shard for shard in self.unsaved if held is None or shard in held]
+        for shard in shards:
+            with self.unsaved_lock:
+                write_lock = self.write_locks[shard]
+            with write_lock:
+                with self.unsaved_lock:
+                    entry = self.unsaved.get(shard)
+                if entry and not self.update_check_point(shard, *entry):
+                    break  # SLS refuses still: the rest waits for the next attempt
         return not self.unsaved
 
 
@@ -4303,7 +4317,8 @@ def run(settings, status_file=None, progress_bar=False):
              ",".join(map(str, targets)), f" ({settings.syslog_balance})" if len(targets) > 1 else "")
     forwarder.shards.start(sls_client(settings, credentials), stop)
     worker.start()
-    threading.Thread(target=forwarder.flush_checkpoints, name="checkpoints", daemon=True).start()
+    threading.Thread(target=forwarder.flush_checkpoints, args=(client,), name="checkpoints",
+                     daemon=True).start()
     status = supervise(settings, worker, forwarder, stop, monitor)
     log.info("stopping: saving the checkpoints of delivered logs and releasing the shards")
     deadline.status = status

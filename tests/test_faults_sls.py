@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.checkpoints import assert_checkpoints_at_end, assignments, checkpoint_positions
+from tests.checkpoints import assert_checkpoints_at_end, assignments, checkpoint_positions, checkpoints_at_end
 from tests.delivered import assert_delivered, trace_ids
 from tests.forwarder_process import ForwarderProcess, forwarder_env, problem_lines, run_forwarder, with_fault
 from tests.syslog_receiver import SyslogReceiver, ids, loss_report
@@ -128,6 +128,9 @@ def test_sls_outage_mix_loses_nothing_and_logs_each_condition_once(make_emulator
                                               errorMessage="checkpoint quota (injected)", duration=8)
         wait_delivered(receiver, trace_ids(logs), [fwd])
         assert fwd.process.poll() is None, "the forwarder died during the SLS faults"
+        # Once SLS takes checkpoints again, the refused ones are saved with no new data to carry
+        # them (the last logs may well have been delivered while the fault lasted).
+        wait_until(lambda: checkpoints_at_end(emulator), "the refused checkpoints to be saved")
         assert fwd.stop() == 0
     log_text = fwd.stderr()
     applied = {name: fault_by_id(emulator, fault["id"])["applied"] for name, fault in (

@@ -90,8 +90,10 @@ def test_metrics_match_the_receiver_and_healthz_follows_an_outage(make_emulator,
                             SYNC_HEALTH_FAILING_AFTER="2", SYNC_STATS_INTERVAL="1")
         with ForwarderProcess(env, tmp_path) as forwarder:
             assert_delivered(lambda: receiver.messages, trace_ids(logs), [forwarder])
+            # Checkpoints are saved about once a second: a fast run can finish before the first.
             samples = wait_until(lambda: (lambda s: s if scrape.total(s, "sync_waf_to_syslog_logs_total")
-                                          == len(logs) else None)(scrape.metrics(port)), "the metrics")
+                                          == len(logs) and scrape.total(s, "sync_waf_to_syslog_checkpoint_writes_total")
+                                          >= 2 else None)(scrape.metrics(port)), "the metrics")
             assert scrape.total(samples, "sync_waf_to_syslog_bytes_total") == sum(map(len, receiver.messages))
             assert scrape.total(samples, "sync_waf_to_syslog_send_errors_total") == 0
             assert scrape.total(samples, "sync_waf_to_syslog_checkpoint_writes_total") >= 2
@@ -125,9 +127,11 @@ def test_one_endpoint_covers_every_worker(make_emulator, tmp_path):
         env = forwarder_env(emulator, port=receiver.port, SYNC_METRICS_ADDR=f"127.0.0.1:{port}")
         with ForwarderProcess(env, tmp_path, ["--workers", "2"]) as supervisor:
             assert_delivered(lambda: receiver.messages, trace_ids(logs), [supervisor])
+            # The group hands the second worker its shards a heartbeat or two after the first had all.
             samples = wait_until(lambda: (lambda s: s if scrape.total(s, "sync_waf_to_syslog_logs_total")
-                                          == len(receiver.messages) else None)(scrape.metrics(port)),
-                                 "the workers' metrics to add up to what arrived")
+                                          == len(receiver.messages) and scrape.total(s, "sync_waf_to_syslog_shards_held")
+                                          == 4 else None)(scrape.metrics(port)),
+                                 "the workers' metrics to add up to what arrived, and all shards held")
             workers = {labels["worker"] for name, labels, _ in samples if name == "sync_waf_to_syslog_logs_total"}
             assert workers == {"test-consumer-0", "test-consumer-1"}
             assert scrape.total(samples, "sync_waf_to_syslog_shards_held") == 4
