@@ -1657,7 +1657,10 @@ def siem_plan(encoding, static_fields, shared_names, keys, sent_name, delimiter)
         parts = [f"{quote(name)}:{quote(value)}".replace("%", "%%") for name, value in static_fields]
         template = "{" + ",".join(parts + [quote(name).replace("%", "%%") + ":%s" for name in sent_names]) + "}"
         return lambda values: template % tuple(map(quote, map(values.__getitem__, positions)))
-    event_of = event_plan(names)
+    if encoding == "cef":
+        heading_of = heading_plan(names, lambda event: (cef_header(event),))
+    else:
+        heading_of = heading_plan(names, lambda event: (leef_header(event[0], delimiter), event[2]))
     static_present = tuple(bool(value) for _, value in static_fields)
     templates = {}  # which of the log's sent values are non-empty -> siem_template()
     escape = _escape_cef_joined if encoding == "cef" else leef_joined_replacer(delimiter)
@@ -1681,10 +1684,8 @@ def siem_plan(encoding, static_fields, shared_names, keys, sent_name, delimiter)
                 return None
             kept[i] = str(seconds * 1000) if encoding == "cef" else leef_time(seconds)
         escaped = escape("\x00".join(kept)).split("\x00") if kept else []
-        event = event_of(values)
-        if encoding == "cef":
-            return cef_header(event) + template % tuple(escaped)
-        return leef_header(event[0], delimiter) + template % (event[2], *escaped)
+        heading = heading_of(values)  # cef: (header,); leef: (header, sev)
+        return heading[0] + template % (*heading[1:], *escaped)
 
     return plan
 
@@ -1721,14 +1722,27 @@ def siem_template(encoding, fields, delimiter):
     return delimiter.replace("%", "%%").join(["sev=%s"] + parts), time_at
 
 
-def event_plan(names):
-    """event_of(values) -> waf_event of the fields (names, values): waf_event of only the fields
-    it reads, in their order, which gives the same."""
+def heading_plan(names, header_of):
+    """heading(values) -> header_of(waf_event of the fields (names, values)). waf_event of only the
+    fields it reads, in their order, gives the same; and logs share few decisions, so each one's
+    heading is worked out once (among the last 4,096)."""
     modules = {name[:-5] for name in names if name.endswith("_test")}
     read = {"final_action", "final_plugin", "final_rule_id", "final_rule_type",
             *(f"{module}{suffix}" for module in modules for suffix in ("_test", "_action", "_rule_id", "_rule_type"))}
     positions = [i for i, name in enumerate(names) if name in read]
-    return lambda values: waf_event([(names[i], values[i]) for i in positions])
+    read_names = [names[i] for i in positions]
+    headings = {}
+
+    def heading(values):
+        read_values = tuple(map(values.__getitem__, positions))
+        found = headings.get(read_values)
+        if found is None:
+            if len(headings) >= 4096:
+                headings.clear()
+            found = headings[read_values] = header_of(waf_event(list(zip(read_names, read_values))))
+        return found
+
+    return heading
 
 
 # ================================================================================================
