@@ -1476,7 +1476,7 @@ def read_log_groups(raw):
     """The LogGroups of a serialized LogGroupList, in the shape above. Raises protobuf's DecodeError
     if the bytes do not parse."""
     groups = log_group_list_class(merged=True).FromString(raw).LogGroups
-    if all(len(p.Key) == len(p.Value) for g in groups for p in (g.LogTags, *(e.Contents for e in g.Logs))):
+    if keys_match_values(groups):
         return groups
     # A Content or LogTag without its Key or its Value: merged lists would pair the wrong keys and
     # values, so read them one by one, a missing one empty, as the SDK does. (SLS requires both, so
@@ -1488,6 +1488,17 @@ def read_log_groups(raw):
     return [ParsedLogGroup(g.Topic, g.Source, pairs(g.LogTags),
                            [ParsedLog(e.Time, e.Time_ns, pairs(e.Contents)) for e in g.Logs])
             for g in log_group_list_class(merged=False).FromString(raw).LogGroups]
+
+
+def keys_match_values(log_groups):
+    """Whether every log and every LogGroup's tags have as many keys as values."""
+    for group in log_groups:
+        if len(group.LogTags.Key) != len(group.LogTags.Value):
+            return False
+        for entry in group.Logs:
+            if len(entry.Contents.Key) != len(entry.Contents.Value):
+                return False
+    return True
 
 
 def read_pull(response):
@@ -1567,12 +1578,28 @@ def kv_body(contents, separator, sent_name=None, limit=float("inf")):
     return template % (tuple(escaped) if positions is None else tuple(map(escaped.__getitem__, positions)))
 
 
-def kv_group_bodies(head_fields, separator, sent_name, limit):
+@functools.lru_cache(maxsize=1024)
+def shared_keys(tag_keys):
+    """The raw keys of a LogGroup's shared fields (group_fields) for these tag keys."""
+    return (b"__topic__", b"__source__", *(b"__tag__:" + key for key in tag_keys))
+
+
+def kv_shared_body(log_group, separator, sent_name):
+    """encode_kv(select_fields(group_fields(log_group), sent_name)), UTF-8, from the raw values as
+    kv_body reads a log's: a LogGroup may hold a single log, so this is per-log work too."""
+    tags = log_group.LogTags
+    shared = Pairs(shared_keys(tuple(tags.Key)), [log_group.Topic, log_group.Source, *tags.Value])
+    body = kv_body(shared, separator, sent_name)
+    if body is None:  # a shared value holding NUL
+        body = encode_kv(select_fields(group_fields(log_group), sent_name), separator).encode()
+    return body
+
+
+def kv_group_bodies(head, separator, sent_name, limit):
     """For the logs of one LogGroup: a function (log -> its kv body, UTF-8, or None for the
-    reference path) giving encode_kv(head_fields + select_fields(log_fields(log))), where
-    head_fields (the static fields and the group's selected shared fields) are encoded once. A log
-    whose values alone exceed limit bytes takes the reference path, which cuts it."""
-    head = encode_kv(head_fields, separator).encode()
+    reference path) giving head + the separator + encode_kv(select_fields(log_fields(log))), where
+    head is what comes first (the static fields and the group's selected shared fields, encoded).
+    A log whose values alone exceed limit bytes takes the reference path, which cuts it."""
     prefix = head + separator.encode() if head else b""
 
     def body(log):
@@ -1770,6 +1797,7 @@ class MessageEncoder:
         self.static_fields = [*STATIC_FIELDS, *settings.syslog_static_fields]
         self.customize = customize
         self.fast = customize_is_unchanged()
+        self.kv_static = encode_kv(self.static_fields, settings.syslog_sep).encode()
 
     def header(self, seconds, nanoseconds):
         s = self.settings
@@ -1800,13 +1828,14 @@ class MessageEncoder:
         sent = self.static_fields + select_fields(fields, self.sent_name)
         return fit_message(header, sent, self.body_encoder(fields), self.settings.syslog_max_message_size)
 
-    def group_bodies(self, shared):
+    def group_bodies(self, log_group):
         """The fast path's function (log -> its body, or None) for the logs of a LogGroup."""
         s = self.settings
         if s.syslog_encoding == "kv":
-            return kv_group_bodies(self.static_fields + select_fields(shared, self.sent_name), s.syslog_sep,
-                                   self.sent_name, s.syslog_max_message_size)
-        return siem_group_bodies(s.syslog_encoding, self.static_fields, shared, self.sent_name,
+            shared = kv_shared_body(log_group, s.syslog_sep, self.sent_name)
+            head = s.syslog_sep.encode().join(part for part in (self.kv_static, shared) if part)
+            return kv_group_bodies(head, s.syslog_sep, self.sent_name, s.syslog_max_message_size)
+        return siem_group_bodies(s.syslog_encoding, self.static_fields, group_fields(log_group), self.sent_name,
                                  s.syslog_leef_delimiter, s.syslog_max_message_size)
 
     def encode(self, log_groups):
@@ -1818,14 +1847,15 @@ class MessageEncoder:
         topics = self.settings.sls_topics
         headers = {}  # (seconds, nanoseconds) -> header: the logs of a batch share few timestamps
         for group in log_groups:
-            newest = max(newest, max((entry.Time for entry in group.Logs), default=0))
             if topics and text_of(group.Topic) not in topics:
+                newest = max(newest, max((entry.Time for entry in group.Logs), default=0))
                 filtered += len(group.Logs)
                 continue
-            shared = group_fields(group)
-            fast_body = self.group_bodies(shared) if self.fast else None
+            fast_body = self.group_bodies(group) if self.fast else None
+            shared = None  # group_fields(group), once a log needs it
             for entry in group.Logs:
                 stamp = entry.Time, entry.Time_ns
+                newest = max(newest, stamp[0])
                 header = headers.get(stamp)
                 if header is None:
                     header = headers[stamp] = self.header(*stamp).encode()
@@ -1833,6 +1863,8 @@ class MessageEncoder:
                 if body is not None and len(header) + len(body) <= max_size:
                     messages.append(header + body)
                     continue
+                if shared is None:
+                    shared = group_fields(group)
                 result = self.reference_message(header, shared + log_fields(entry))
                 if result is None:
                     filtered += 1
