@@ -1630,8 +1630,12 @@ def customize_is_unchanged():
 # pass over them joined by NUL, and a %-template.
 
 def joined_replacer(table):
-    """replacer(table) for values joined by NUL: NUL itself stays, as the joiner."""
-    return replacer({c: text for c, text in table.items() if c != "\x00"})
+    """For UTF-8 bytes of values joined by NUL: what replacer(table) does to their text (NUL stays,
+    as the joiner). Every character of the table is ASCII, and ASCII is never part of a multi-byte
+    character, so replacing bytes is replacing characters."""
+    table = {c.encode(): text.encode() for c, text in table.items() if c != "\x00"}
+    pattern = re.compile(b"[" + b"".join(map(re.escape, table)) + b"]")
+    return functools.partial(pattern.sub, lambda match: table[match.group()])
 
 
 _escape_cef_joined = joined_replacer(_CEF_VALUE_ESCAPES)
@@ -1651,28 +1655,35 @@ def siem_group_bodies(encoding, static_fields, shared, sent_name, delimiter, lim
     shared_values = [value for _, value in shared]
     if any("\x00" in value for value in shared_values):
         return lambda log: None
+    static = tuple(static_fields)
+    as_text = encoding == "json"  # json escapes text; cef and leef escape UTF-8 bytes
+    if not as_text:
+        shared_values = [value.encode() for value in shared_values]
 
     def body(log):
         raw_values = log.Contents.Value
         joined = b"\x00".join(raw_values)
         if len(joined) > limit or joined.count(b"\x00") != len(raw_values) - 1:
             return None
-        plan = siem_plan(encoding, tuple(static_fields), shared_names, tuple(log.Contents.Key), sent_name,
-                         delimiter)
+        plan = siem_plan(encoding, static, shared_names, tuple(log.Contents.Key), sent_name, delimiter)
         if plan is None:
             return None
-        text = plan(shared_values + joined.decode("utf-8", "replace").split("\x00")) if raw_values else \
-            plan(shared_values)
-        return None if text is None else text.encode()
+        if not raw_values:
+            return plan(shared_values)
+        if as_text:
+            return plan(shared_values + joined.decode("utf-8", "replace").split("\x00"))
+        if not joined.isascii():  # invalid UTF-8 becomes U+FFFD, as text_of does (NUL stays NUL)
+            joined = joined.decode("utf-8", "replace").encode()
+        return plan(shared_values + joined.split(b"\x00"))
 
     return body
 
 
 @functools.lru_cache(maxsize=1024)
 def siem_plan(encoding, static_fields, shared_names, keys, sent_name, delimiter):
-    """plan(values) -> the body text for a log whose fields are shared_names + the names of keys
-    with these values, or None for the reference path; None when this set of keys always takes it
-    (json: a name sent twice)."""
+    """plan(values) -> the UTF-8 body for a log whose fields are shared_names + the names of keys
+    with these values (text for json, UTF-8 bytes for cef and leef), or None for the reference
+    path; None when this set of keys always takes it (json: a name sent twice)."""
     names = shared_names + tuple(map(text_of, keys))
     positions = [i for i, name in enumerate(names) if sent_name is None or sent_name(name) is not None]
     sent_names = [name if sent_name is None else sent_name(name) for name in map(names.__getitem__, positions)]
@@ -1683,13 +1694,14 @@ def siem_plan(encoding, static_fields, shared_names, keys, sent_name, delimiter)
             return None
         parts = [f"{quote(name)}:{quote(value)}".replace("%", "%%") for name, value in static_fields]
         template = "{" + ",".join(parts + [quote(name).replace("%", "%%") + ":%s" for name in sent_names]) + "}"
-        return lambda values: template % tuple(map(quote, map(values.__getitem__, positions)))
+        return lambda values: (template % tuple(map(quote, map(values.__getitem__, positions)))).encode()
     if encoding == "cef":
-        heading_of = heading_plan(names, lambda event: (cef_header(event),))
+        heading_of = heading_plan(names, lambda event: (cef_header(event).encode(),))
     else:
-        heading_of = heading_plan(names, lambda event: (leef_header(event[0], delimiter), event[2]))
+        heading_of = heading_plan(names, lambda event: (leef_header(event[0], delimiter).encode(),
+                                                        str(event[2]).encode()))
     static_present = tuple(bool(value) for _, value in static_fields)
-    templates = {}  # which of the log's sent values are non-empty -> siem_template()
+    templates = {}  # which of the log's sent values are non-empty -> siem_template(), as bytes
     escape = _escape_cef_joined if encoding == "cef" else leef_joined_replacer(delimiter)
 
     every_field = len(positions) == len(names)
@@ -1700,17 +1712,18 @@ def siem_plan(encoding, static_fields, shared_names, keys, sent_name, delimiter)
         if present not in templates:
             fields = [field for field, kept in zip(static_fields, static_present) if kept] + \
                      [(name, None) for name, kept in zip(sent_names, present) if kept]
-            templates[present] = siem_template(encoding, fields, delimiter)
+            template = siem_template(encoding, fields, delimiter)
+            templates[present] = template and (template[0].encode(), template[1])
         if templates[present] is None:
             return None
         template, time_at = templates[present]
         kept = list(itertools.compress(sent, present))
         for i in time_at:
-            seconds = log_time_seconds(kept[i])
+            seconds = log_time_seconds(kept[i].decode())
             if seconds is None:  # not a time: the reference path sends it under another key
                 return None
-            kept[i] = str(seconds * 1000) if encoding == "cef" else leef_time(seconds)
-        escaped = escape("\x00".join(kept)).split("\x00") if kept else []
+            kept[i] = (str(seconds * 1000) if encoding == "cef" else leef_time(seconds)).encode()
+        escaped = escape(b"\x00".join(kept)).split(b"\x00") if kept else []
         heading = heading_of(values)  # cef: (header,); leef: (header, sev)
         return heading[0] + template % (*heading[1:], *escaped)
 
@@ -1760,13 +1773,14 @@ def heading_plan(names, header_of):
     read_names = [names[i] for i in positions]
     headings = {}
 
-    def heading(values):
+    def heading(values):  # values: UTF-8 bytes
         read_values = tuple(map(values.__getitem__, positions))
         found = headings.get(read_values)
         if found is None:
             if len(headings) >= 4096:
                 headings.clear()
-            found = headings[read_values] = header_of(waf_event(list(zip(read_names, read_values))))
+            event = waf_event([(name, value.decode()) for name, value in zip(read_names, read_values)])
+            found = headings[read_values] = header_of(event)
         return found
 
     return heading
