@@ -3395,7 +3395,8 @@ class WafConsumerWorker(ConsumerWorker):
 
     # Seconds between rounds without a backlog: a round picks up a finished pull and starts the next
     # (the SDK pulls an idle shard twice a second), so this adds to the latency; README.md,
-    # "Performance": 0.25 s gave a p99 of 0.96 s at 2,000 logs/s, 0.1 s 0.73 s, idle CPU 1.3 -> 1.5 %.
+    # "Performance": 0.25 s gave a p99 of 0.96 s at 2,000 logs/s, 0.1 s 0.70-0.73 s, for idle CPU
+    # 1.3 -> 1.4-1.7 % of a core.
     IDLE_INTERVAL = 0.1
 
     def __init__(self, forwarder, config, client):

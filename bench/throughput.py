@@ -3,7 +3,7 @@
 
     python bench/throughput.py                 the full run: a few minutes on 2 cores
     python bench/throughput.py --group-sizes 1,10,200,1000 --logs 600000
-                                               the LogGroup-size sweep (about 20 minutes), then the
+                                               the LogGroup-size sweep (about 10 minutes), then the
                                                idle CPU and the latency
     python bench/throughput.py --quick --logs 2000 --shards 2      a smoke run (tests use it)
     python bench/throughput.py --latency       only the end-to-end latency measurement
