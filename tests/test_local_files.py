@@ -195,12 +195,16 @@ def test_as_an_unprivileged_user_a_planted_lock_is_refused_too():
         (shared / "root.lock").write_text("1\n")
         (shared / "writable.lock").write_text("1\n")
         (shared / "writable.lock").chmod(0o666)
-        result = subprocess.run([python, "-c", NOBODY_SCRIPT, str(SCRIPT.parent), str(shared), "link.lock",
+        # A copy of the forwarder nobody can read (the checkout may sit in a private directory).
+        code = shared / "code"
+        code.mkdir(mode=0o755)
+        shutil.copy(SCRIPT, code)
+        result = subprocess.run([python, "-c", NOBODY_SCRIPT, str(code), str(shared), "link.lock",
                                  "root.lock", "writable.lock", "own.lock"],
                                 preexec_fn=become_nobody, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         found = json.loads(result.stdout)
-        assert found["default"] == str(SCRIPT.parent / "sync_waf_to_syslog-c.lock")  # beside the script
+        assert found["default"] == str(code / "sync_waf_to_syslog-c.lock")  # beside the script
         assert "symbolic link" in found["link.lock"] and "Permission denied" in found["root.lock"]
         assert "belongs to uid 0" in found["writable.lock"] and found["own.lock"] == "acquired"
         assert target.read_text() == SECRET and (shared / "root.lock").read_text() == "1\n"
