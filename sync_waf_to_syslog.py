@@ -4294,11 +4294,25 @@ class WorkersMonitor:
 # ================================================================================================
 
 def stop_on_signals():
-    """An Event that SIGTERM and SIGINT set. The main thread only sleeps and polls it (`stopped`),
-    never stop.wait(): a handler that ran while this thread held the Event's lock would deadlock."""
+    """An Event that SIGTERM and SIGINT set, by way of a pipe: Python's own C-level handler writes
+    each signal's number to it (signal.set_wakeup_fd), and a thread reading it sets the Event. A
+    Python handler calling stop.set() runs in the main thread between any two bytecodes, so it could
+    run inside the main thread's own use of the Event's lock, or inside another handler's set()
+    (Ctrl-C sends SIGINT, and --workers' supervisor SIGTERM, a moment apart): a deadlock."""
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    stopping = {signal.SIGTERM, signal.SIGINT}
+    for signum in stopping:
+        signal.signal(signum, lambda *_: None)  # the pipe carries it
+
+    def watch():
+        while os.read(read_end, 1)[0] not in stopping:
+            pass
+        stop.set()
+
+    threading.Thread(target=watch, name="signals", daemon=True).start()
     return stop
 
 

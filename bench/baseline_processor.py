@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 from datetime import datetime
 
 from aliyun.log.consumer import ConsumerProcessorBase, ConsumerWorker, CursorPosition, LogHubConfig
@@ -92,12 +92,13 @@ def main():
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config, target = config_from_environment(os.environ)
-    stop = threading.Event()
+    stop = []  # not an Event: a handler calling Event.set() can deadlock on the Event's lock
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda number, _frame: stop.append(number))
     worker = ConsumerWorker(SampleSyslogProcessor, config, args=(target,))
     worker.start()
-    stop.wait()
+    while not stop:
+        time.sleep(0.1)
     worker.shutdown()
     worker.join(30)
     return 0

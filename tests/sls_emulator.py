@@ -1758,9 +1758,11 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--group-size", type=int, default=100, help="logs per LogGroup when loading")
     args = parser.parse_args(argv)
 
-    stop_requested = threading.Event()
+    # A list, not an Event: a handler runs in this thread between any two bytecodes, even inside
+    # another handler (SIGINT, then SIGTERM a moment later), and Event.set() would deadlock there.
+    stop_requested = []
     for signal_number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signal_number, lambda *_: stop_requested.set())
+        signal.signal(signal_number, lambda number, _frame: stop_requested.append(number))
 
     emulator = SlsEmulator(args.project, args.logstore, args.shards, args.access_key_id,
                            args.access_key_secret, port=args.port, group_size=args.group_size)
@@ -1771,9 +1773,7 @@ def main(argv: Optional[list] = None) -> int:
             parser.error(f"--load {path}: {exc}")
     with emulator:
         print(f"{ADDR_LINE_PREFIX}{emulator.addr}", flush=True)
-        # Poll, not stop_requested.wait(): the handler runs in this thread and would deadlock on
-        # the Event's lock if the signal came while this thread held it.
-        while not stop_requested.is_set():
+        while not stop_requested:
             time.sleep(0.1)
     return 0
 

@@ -5,11 +5,13 @@ long is reported while it lasts."""
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from tests.checkpoints import assignments
-from tests.forwarder_process import ForwarderProcess, forwarder_env, with_fault
+from tests.forwarder_process import SCRIPT, ForwarderProcess, forwarder_env, with_fault
 from tests.polling import wait_until
 from tests.syslog_receiver import SyslogReceiver
 from tests.waf_logs import realistic_logs, write_jsonl
@@ -79,3 +81,21 @@ def test_workers_stop_when_the_supervisor_dies_even_while_their_pulls_hang(make_
                    "both workers' pulls to hang", 30)
         supervisor.kill()  # kill -9: the workers get SIGTERM from the kernel (PDEATHSIG)
         wait_until(lambda: not [pid for pid in workers if running(pid)], "the orphaned workers to stop", 30)
+
+
+def test_a_signal_while_the_stop_event_is_locked_still_stops():
+    """stop_on_signals: a SIGTERM handled while the main thread holds the stop Event's lock (as
+    inside another signal's Event.set(): Ctrl-C, then the supervisor's SIGTERM) still stops the
+    process. A handler that called stop.set() itself would wait for that lock for ever."""
+    code = (f"import os, signal, sys, time\nsys.path.insert(0, {str(SCRIPT.parent)!r})\n"
+            "import sync_waf_to_syslog as fwd\n"
+            "stop = fwd.stop_on_signals()\n"
+            "with stop._cond:\n"  # what Event.set() holds while it runs
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.5)\n"  # a Python handler would run here, in this thread
+            "print(stop.wait(10))\n")
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the signal handler deadlocked on the stop Event's lock")
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
