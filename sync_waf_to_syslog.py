@@ -3659,9 +3659,7 @@ class ResilientConsumerClient(ConsumerClient):
         """True if SLS stored the checkpoint; if not, it is kept for save_unsaved. A shard's writes
         take turns: otherwise a retry of an older failed write could land after a newer one and
         move the checkpoint back."""
-        with self.unsaved_lock:
-            write_lock = self.write_locks[shard]
-        with write_lock:
+        with self.write_lock(shard):
             try:
                 super().update_check_point(shard, consumer, check_point)
             except LogException as exc:
@@ -3678,6 +3676,11 @@ class ResilientConsumerClient(ConsumerClient):
                 self.unsaved.pop(shard, None)
             return True
 
+    def write_lock(self, shard):
+        """The (re-entrant) lock a shard's checkpoint writes take turns by."""
+        with self.unsaved_lock:
+            return self.write_locks[shard]
+
     def save_unsaved(self, held=None):
         """One more attempt for every checkpoint whose write failed, the newest of each shard, or of
         the shards in `held` only (about once a second by Forwarder.flush_checkpoints: the SDK
@@ -3686,9 +3689,7 @@ class ResilientConsumerClient(ConsumerClient):
         with self.unsaved_lock:
             shards = [shard for shard in self.unsaved if held is None or shard in held]
         for shard in shards:
-            with self.unsaved_lock:
-                write_lock = self.write_locks[shard]
-            with write_lock:
+            with self.write_lock(shard):
                 with self.unsaved_lock:
                     entry = self.unsaved.get(shard)
                 if entry and not self.update_check_point(shard, *entry):
@@ -4355,7 +4356,7 @@ class StopDeadline(threading.Thread):
 def use_one_malloc_arena():
     """glibc gives threads that allocate at once malloc arenas of their own (up to 8 a core), and
     the pool threads each parse pulls of megabytes: what they free stays spread over the arenas.
-    One arena keeps the peak resident size 12-20 MB lower at the same speed (README.md,
+    One arena kept the peak resident size 11-26 MB lower at the same speed (README.md,
     "Performance"). Left alone if MALLOC_ARENA_MAX is set, or where the C library is not glibc."""
     M_ARENA_MAX = -8
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
