@@ -1434,11 +1434,6 @@ def largest(fits, high, low=0):
 # repeated Value: protobuf merges the occurrences of an optional message, so each Log comes out
 # holding its keys and its values as two lists of bytes, in order. LogTags likewise.
 
-Pairs = collections.namedtuple("Pairs", "Key Value")
-ParsedLog = collections.namedtuple("ParsedLog", "Time Time_ns Contents")
-ParsedLogGroup = collections.namedtuple("ParsedLogGroup", "Topic Source LogTags Logs")
-
-
 @functools.lru_cache(maxsize=2)
 def log_group_list_class(merged):
     """The LogGroupList message class with Contents and LogTags merged (see above), or, unmerged,
@@ -1479,15 +1474,22 @@ def read_log_groups(raw):
     if keys_match_values(groups):
         return groups
     # A Content or LogTag without its Key or its Value: merged lists would pair the wrong keys and
-    # values, so read them one by one, a missing one empty, as the SDK does. (SLS requires both, so
-    # this does not happen; only a log with one Content lacking its Key and another lacking its
-    # Value would pass the count above, and its fields would be shifted.)
-    def pairs(items):
-        return Pairs([item.Key for item in items], [item.Value for item in items])
+    # values, so read them one by one, a missing one empty, as the SDK does, into the same shape.
+    # (SLS requires both, so this does not happen; only a log with one Content lacking its Key and
+    # another lacking its Value would pass the count above, and its fields would be shifted.)
+    paired = log_group_list_class(merged=True)()
+    for group in log_group_list_class(merged=False).FromString(raw).LogGroups:
+        into = paired.LogGroups.add(Topic=group.Topic, Source=group.Source)
+        pair_up(group.LogTags, into.LogTags)
+        for entry in group.Logs:
+            log = into.Logs.add(Time=entry.Time, Time_ns=entry.Time_ns)
+            pair_up(entry.Contents, log.Contents)
+    return paired.LogGroups
 
-    return [ParsedLogGroup(g.Topic, g.Source, pairs(g.LogTags),
-                           [ParsedLog(e.Time, e.Time_ns, pairs(e.Contents)) for e in g.Logs])
-            for g in log_group_list_class(merged=False).FromString(raw).LogGroups]
+
+def pair_up(items, pairs):
+    pairs.Key.extend(item.Key for item in items)
+    pairs.Value.extend(item.Value for item in items)
 
 
 def keys_match_values(log_groups):
@@ -1499,6 +1501,43 @@ def keys_match_values(log_groups):
             if len(entry.Contents.Key) != len(entry.Contents.Value):
                 return False
     return True
+
+
+# A log's keys, as one tuple per set of keys: reading 55 keys out of protobuf makes 55 bytes objects,
+# and that costs as much as encoding the log. Its values are read first, joined by NUL; then the
+# Contents, holding only the keys, serialize to one short string that finds the tuple (and the plans
+# cached for it). So the fast path takes the values out of each log it reads (take_values), and puts
+# them back (put_back_values) when the log goes to the reference path after all.
+_key_sets = {}  # serialized Contents without values -> the tuple of their keys
+
+
+def take_values(contents, limit):
+    """(keys, values joined by NUL) of a log's Contents, the values taken out of it; or None, and
+    the Contents left as they are, if a value holds NUL itself (rare: the joined values could not
+    be split apart again) or the values alone are longer than limit: the message will (nearly
+    always) be cut, so the reference path builds it, not whole."""
+    # Held in no variable: a list of values still referred to when ClearField runs is copied.
+    count = len(contents.Value)
+    if not count:
+        return (), b""
+    joined = b"\x00".join(contents.Value)
+    if len(joined) > limit or joined.count(b"\x00") != count - 1:
+        return None
+    contents.ClearField("Value")
+    serialized = contents.SerializeToString()
+    keys = _key_sets.get(serialized)
+    if keys is None:
+        if len(_key_sets) >= 1024:  # bounded: a server may send a new set of keys every log
+            _key_sets.clear()
+        keys = _key_sets[serialized] = tuple(contents.Key)
+    return keys, joined
+
+
+def put_back_values(contents, taken):
+    """Undo take_values."""
+    keys, joined = taken
+    if keys:
+        contents.Value.extend(joined.split(b"\x00"))
 
 
 def read_pull(response):
@@ -1560,18 +1599,13 @@ def joined_values_escaper(separator):
     return escape
 
 
-def kv_body(contents, separator, sent_name=None, limit=float("inf")):
-    """encode_kv(select_fields(log_fields(log), sent_name), separator).encode() for a log's
-    Contents, or None if a value holds NUL itself (rare: the joined values could then not be
-    split apart again) or the values alone, or the template of the names, are longer than limit:
-    the message will (nearly always) be cut, so the reference path builds it, not whole."""
-    values = contents.Value
-    if not values:
+def kv_body(keys, joined, separator, sent_name=None, limit=float("inf")):
+    """encode_kv(select_fields(fields, sent_name), separator).encode() for the fields of these raw
+    keys and their raw values joined by NUL (take_values), or None if the template of the names is
+    longer than limit: the message will be cut, so the reference path builds it, not whole."""
+    if not keys:
         return b""
-    joined = b"\x00".join(values)
-    if len(joined) > limit or joined.count(b"\x00") != len(values) - 1:
-        return None
-    template, positions = kv_plan(tuple(contents.Key), separator, sent_name)
+    template, positions = kv_plan(keys, separator, sent_name)
     if len(template) > limit:
         return None
     escaped = joined_values_escaper(separator)(joined).split(b"\x00")
@@ -1588,22 +1622,22 @@ def kv_shared_body(log_group, separator, sent_name):
     """encode_kv(select_fields(group_fields(log_group), sent_name)), UTF-8, from the raw values as
     kv_body reads a log's: a LogGroup may hold a single log, so this is per-log work too."""
     tags = log_group.LogTags
-    shared = Pairs(shared_keys(tuple(tags.Key)), [log_group.Topic, log_group.Source, *tags.Value])
-    body = kv_body(shared, separator, sent_name)
-    if body is None:  # a shared value holding NUL
-        body = encode_kv(select_fields(group_fields(log_group), sent_name), separator).encode()
-    return body
+    values = [log_group.Topic, log_group.Source, *tags.Value]
+    joined = b"\x00".join(values)
+    if joined.count(b"\x00") != len(values) - 1:  # a shared value holding NUL
+        return encode_kv(select_fields(group_fields(log_group), sent_name), separator).encode()
+    return kv_body(shared_keys(tuple(tags.Key)), joined, separator, sent_name)
 
 
 def kv_group_bodies(head, separator, sent_name, limit):
-    """For the logs of one LogGroup: a function (log -> its kv body, UTF-8, or None for the
-    reference path) giving head + the separator + encode_kv(select_fields(log_fields(log))), where
-    head is what comes first (the static fields and the group's selected shared fields, encoded).
-    A log whose values alone exceed limit bytes takes the reference path, which cuts it."""
+    """For the logs of one LogGroup: a function ((keys, joined values) of a log, from take_values
+    -> its kv body, UTF-8, or None for the reference path) giving head + the separator +
+    encode_kv(select_fields(log_fields(log))), where head is what comes first (the static fields
+    and the group's selected shared fields, encoded)."""
     prefix = head + separator.encode() if head else b""
 
-    def body(log):
-        own = kv_body(log.Contents, separator, sent_name, limit)
+    def body(taken):
+        own = kv_body(*taken, separator, sent_name, limit)
         if own is None:
             return None
         return prefix + own if own else head
@@ -1626,16 +1660,33 @@ def customize_is_unchanged():
 # ------------------------------------------------------------------------------------------------
 # As for kv: what repeats from log to log (which fields are sent under which name and key, where
 # the WAF's decision is read, the template) is worked out once per set of keys and, for cef and
-# leef, per set of non-empty values; per log there remain one decode of its values, one escaping
-# pass over them joined by NUL, and a %-template.
+# leef, per set of non-empty values; per log there remain one escaping pass over its values joined
+# by NUL (escaping never makes or removes a NUL), one split and a %-template. The WAF's decision
+# and the times are read from the escaped values: where escaping changed one of those (it always
+# adds a backslash), the log takes the reference path.
 
 def joined_replacer(table):
     """For UTF-8 bytes of values joined by NUL: what replacer(table) does to their text (NUL stays,
     as the joiner). Every character of the table is ASCII, and ASCII is never part of a multi-byte
-    character, so replacing bytes is replacing characters."""
+    character, so replacing bytes is replacing characters. Without control characters (the usual
+    case) the others are replaced one by one, by bytes.replace, with no regular expression."""
     table = {c.encode(): text.encode() for c, text in table.items() if c != "\x00"}
     pattern = re.compile(b"[" + b"".join(map(re.escape, table)) + b"]")
-    return functools.partial(pattern.sub, lambda match: table[match.group()])
+    replace_all = functools.partial(pattern.sub, lambda match: table[match.group()])
+    controls = bytes(c[0] for c in table if c[0] < 32)
+    # The backslash first: the other replacements add backslashes, which must stay as they are.
+    others = sorted(((c, text) for c, text in table.items() if c[0] >= 32), key=lambda item: item[0] != b"\\")
+    if any(c in text for i, (_, text) in enumerate(others) for c, _ in others[i + 1:]):
+        return replace_all
+
+    def replace(joined):
+        if len(joined.translate(None, controls)) != len(joined):
+            return replace_all(joined)
+        for c, text in others:
+            joined = joined.replace(c, text)
+        return joined
+
+    return replace
 
 
 _escape_cef_joined = joined_replacer(_CEF_VALUE_ESCAPES)
@@ -1646,44 +1697,56 @@ def leef_joined_replacer(delimiter):
     return joined_replacer(leef_value_replacements(delimiter))
 
 
-def siem_group_bodies(encoding, static_fields, shared, sent_name, delimiter, limit):
-    """For the logs of one LogGroup whose shared fields are `shared`: a function (log -> its json,
-    cef or leef body, UTF-8, or None for the reference path) giving what the reference path gives
-    for static_fields + select_fields(shared + log_fields(log)). A log whose values alone exceed
-    limit bytes, or holding NUL, takes the reference path."""
+def json_escaped_values(text, count):
+    """The JSON string escapes of `count` values joined by NUL (text), or None if they cannot be
+    told apart: NUL is escaped as \\u0000, so a value holding that text itself takes the
+    reference path."""
+    escaped = json.encoder.encode_basestring(text)[1:-1]
+    if escaped.count("\\u0000") != count - 1:
+        return None
+    return escaped.split("\\u0000")
+
+
+def siem_group_bodies(encoding, static_fields, shared, sent_name, delimiter):
+    """For the logs of one LogGroup whose shared fields are `shared`: a function ((keys, joined
+    values) of a log, from take_values -> its json, cef or leef body, UTF-8, or None for the
+    reference path) giving what the reference path gives for static_fields +
+    select_fields(shared + log_fields(log))."""
     shared_names = tuple(name for name, _ in shared)
-    shared_values = [value for _, value in shared]
-    if any("\x00" in value for value in shared_values):
-        return lambda log: None
+    shared_text = "\x00".join(value for _, value in shared)
     static = tuple(static_fields)
     as_text = encoding == "json"  # json escapes text; cef and leef escape UTF-8 bytes
-    if not as_text:
-        shared_values = [value.encode() for value in shared_values]
+    if as_text:
+        shared_values = json_escaped_values(shared_text, len(shared))
+    else:
+        escape = _escape_cef_joined if encoding == "cef" else leef_joined_replacer(delimiter)
+        shared_values = escape(shared_text.encode()).split(b"\x00")
+    if shared_values is None or len(shared_values) != len(shared):  # a shared value holding NUL
+        return lambda taken: None
 
-    def body(log):
-        raw_values = log.Contents.Value
-        joined = b"\x00".join(raw_values)
-        if len(joined) > limit or joined.count(b"\x00") != len(raw_values) - 1:
-            return None
-        plan = siem_plan(encoding, static, shared_names, tuple(log.Contents.Key), sent_name, delimiter)
+    def body(taken):
+        keys, joined = taken
+        plan = siem_plan(encoding, static, shared_names, keys, sent_name, delimiter)
         if plan is None:
             return None
-        if not raw_values:
+        if not keys:
             return plan(shared_values)
         if as_text:
-            return plan(shared_values + joined.decode("utf-8", "replace").split("\x00"))
+            values = json_escaped_values(joined.decode("utf-8", "replace"), len(keys))
+            return None if values is None else plan(shared_values + values)
         if not joined.isascii():  # invalid UTF-8 becomes U+FFFD, as text_of does (NUL stays NUL)
             joined = joined.decode("utf-8", "replace").encode()
-        return plan(shared_values + joined.split(b"\x00"))
+        return plan(shared_values + escape(joined).split(b"\x00"))
 
     return body
 
 
 @functools.lru_cache(maxsize=1024)
 def siem_plan(encoding, static_fields, shared_names, keys, sent_name, delimiter):
-    """plan(values) -> the UTF-8 body for a log whose fields are shared_names + the names of keys
-    with these values (text for json, UTF-8 bytes for cef and leef), or None for the reference
-    path; None when this set of keys always takes it (json: a name sent twice)."""
+    """plan(escaped values) -> the UTF-8 body for a log whose fields are shared_names + the names of
+    keys with these values (text for json, UTF-8 bytes for cef and leef, escaped for the encoding),
+    or None for the reference path; None when this set of keys always takes it (json: a name sent
+    twice)."""
     names = shared_names + tuple(map(text_of, keys))
     positions = [i for i, name in enumerate(names) if sent_name is None or sent_name(name) is not None]
     sent_names = [name if sent_name is None else sent_name(name) for name in map(names.__getitem__, positions)]
@@ -1693,8 +1756,8 @@ def siem_plan(encoding, static_fields, shared_names, keys, sent_name, delimiter)
         if len(set(static_names + sent_names)) != len(static_names) + len(sent_names):
             return None
         parts = [f"{quote(name)}:{quote(value)}".replace("%", "%%") for name, value in static_fields]
-        template = "{" + ",".join(parts + [quote(name).replace("%", "%%") + ":%s" for name in sent_names]) + "}"
-        return lambda values: (template % tuple(map(quote, map(values.__getitem__, positions)))).encode()
+        template = "{" + ",".join(parts + [quote(name).replace("%", "%%") + ':"%s"' for name in sent_names]) + "}"
+        return lambda values: (template % tuple(map(values.__getitem__, positions))).encode()
     if encoding == "cef":
         heading_of = heading_plan(names, lambda event: (cef_header(event).encode(),))
     else:
@@ -1702,32 +1765,42 @@ def siem_plan(encoding, static_fields, shared_names, keys, sent_name, delimiter)
                                                         str(event[2]).encode()))
     static_present = tuple(bool(value) for _, value in static_fields)
     templates = {}  # which of the log's sent values are non-empty -> siem_template(), as bytes
-    escape = _escape_cef_joined if encoding == "cef" else leef_joined_replacer(delimiter)
-
     every_field = len(positions) == len(names)
 
     def plan(values):
         sent = values if every_field else list(map(values.__getitem__, positions))
         present = bytes(map(bool, sent))
-        if present not in templates:
+        found = templates.get(present)
+        if found is None:
             fields = [field for field, kept in zip(static_fields, static_present) if kept] + \
                      [(name, None) for name, kept in zip(sent_names, present) if kept]
             template = siem_template(encoding, fields, delimiter)
-            templates[present] = template and (template[0].encode(), template[1])
-        if templates[present] is None:
+            found = templates[present] = template and (template[0].encode(), template[1])
+        if not found:
             return None
-        template, time_at = templates[present]
+        template, time_at = found
         kept = list(itertools.compress(sent, present))
         for i in time_at:
-            seconds = log_time_seconds(kept[i].decode())
-            if seconds is None:  # not a time: the reference path sends it under another key
+            kept[i] = siem_time(kept[i], encoding)
+            if kept[i] is None:  # not a time: the reference path sends it as it is
                 return None
-            kept[i] = (str(seconds * 1000) if encoding == "cef" else leef_time(seconds)).encode()
-        escaped = escape(b"\x00".join(kept)).split(b"\x00") if kept else []
         heading = heading_of(values)  # cef: (header,); leef: (header, sev)
-        return heading[0] + template % (*heading[1:], *escaped)
+        if heading is None:
+            return None
+        return heading[0] + template % (*heading[1:], *kept)
 
     return plan
+
+
+@functools.lru_cache(maxsize=4096)
+def siem_time(value, encoding):
+    """A time field's escaped value (UTF-8) as cef (milliseconds) or leef (LEEF_TIME_FORMAT) sends
+    it, or None if it is not a time. Escaped, a value holds a backslash, which no time does; and a
+    time as sent is digits, letters, spaces and colons: nothing to escape for any LEEF_DELIMITERS."""
+    seconds = log_time_seconds(value.decode())
+    if seconds is None:
+        return None
+    return (str(seconds * 1000) if encoding == "cef" else leef_time(seconds)).encode()
 
 
 def siem_template(encoding, fields, delimiter):
@@ -1763,9 +1836,10 @@ def siem_template(encoding, fields, delimiter):
 
 
 def heading_plan(names, header_of):
-    """heading(values) -> header_of(waf_event of the fields (names, values)). waf_event of only the
-    fields it reads, in their order, gives the same; and logs share few decisions, so each one's
-    heading is worked out once (among the last 4,096)."""
+    """heading(escaped values) -> header_of(waf_event of the fields (names, values)), or None if
+    escaping changed a value waf_event reads (it holds a backslash: the reference path reads it).
+    waf_event of only the fields it reads, in their order, gives the same; and logs share few
+    decisions, so each one's heading is worked out once (among the last 4,096)."""
     modules = {name[:-5] for name in names if name.endswith("_test")}
     read = {"final_action", "final_plugin", "final_rule_id", "final_rule_type",
             *(f"{module}{suffix}" for module in modules for suffix in ("_test", "_action", "_rule_id", "_rule_type"))}
@@ -1779,9 +1853,12 @@ def heading_plan(names, header_of):
         if found is None:
             if len(headings) >= 4096:
                 headings.clear()
-            event = waf_event([(name, value.decode()) for name, value in zip(read_names, read_values)])
-            found = headings[read_values] = header_of(event)
-        return found
+            if any(b"\\" in value for value in read_values):
+                found = headings[read_values] = False
+            else:
+                event = waf_event([(name, value.decode()) for name, value in zip(read_names, read_values)])
+                found = headings[read_values] = header_of(event)
+        return found or None
 
     return heading
 
@@ -1843,19 +1920,21 @@ class MessageEncoder:
         return fit_message(header, sent, self.body_encoder(fields), self.settings.syslog_max_message_size)
 
     def group_bodies(self, log_group):
-        """The fast path's function (log -> its body, or None) for the logs of a LogGroup."""
+        """The fast path's function ((keys, joined values) of a log, from take_values -> its body,
+        or None) for the logs of a LogGroup."""
         s = self.settings
         if s.syslog_encoding == "kv":
             shared = kv_shared_body(log_group, s.syslog_sep, self.sent_name)
             head = s.syslog_sep.encode().join(part for part in (self.kv_static, shared) if part)
             return kv_group_bodies(head, s.syslog_sep, self.sent_name, s.syslog_max_message_size)
         return siem_group_bodies(s.syslog_encoding, self.static_fields, group_fields(log_group), self.sent_name,
-                                 s.syslog_leef_delimiter, s.syslog_max_message_size)
+                                 s.syslog_leef_delimiter)
 
     def encode(self, log_groups):
         """Encoded(messages, time of the newest log, messages truncated, logs filtered) for one
         pulled batch. Filtered logs (of a topic not in SLS_TOPICS, or dropped by customize()) give
-        no message, yet count as done: their checkpoint moves."""
+        no message, yet count as done: their checkpoint moves. The fast path takes the values out
+        of the logs it encodes (take_values): a pull is read for one encoding."""
         messages, newest, truncated, filtered = [], 0, 0, 0
         max_size = self.settings.syslog_max_message_size
         topics = self.settings.sls_topics
@@ -1873,10 +1952,13 @@ class MessageEncoder:
                 header = headers.get(stamp)
                 if header is None:
                     header = headers[stamp] = self.header(*stamp).encode()
-                body = fast_body(entry) if fast_body else None
-                if body is not None and len(header) + len(body) <= max_size:
-                    messages.append(header + body)
-                    continue
+                taken = take_values(entry.Contents, max_size) if fast_body else None
+                if taken is not None:
+                    body = fast_body(taken)
+                    if body is not None and len(header) + len(body) <= max_size:
+                        messages.append(header + body)
+                        continue
+                    put_back_values(entry.Contents, taken)
                 if shared is None:
                     shared = group_fields(group)
                 result = self.reference_message(header, shared + log_fields(entry))

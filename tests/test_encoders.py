@@ -189,8 +189,8 @@ def test_fast_kv_path_equals_the_reference_with_selection_and_static_fields(logs
     settings = make_settings(SYSLOG_SEP=separator, SYSLOG_STATIC_FIELDS=static, **selection)
     encoder = fwd.MessageEncoder(settings, procid=1)
     assert encoder.fast
-    groups = fwd.read_log_groups(pull_of(logs))
-    messages = encoder.encode(groups).messages
+    raw = pull_of(logs)
+    messages = encoder.encode(fwd.read_log_groups(raw)).messages
     select = fwd.field_selector(settings.syslog_fields_include, settings.syslog_fields_exclude,
                                 settings.syslog_fields_rename)
     for i, (pairs, message) in enumerate(zip(logs, messages)):
@@ -198,7 +198,7 @@ def test_fast_kv_path_equals_the_reference_with_selection_and_static_fields(logs
         body = fwd.encode_kv(list(settings.syslog_static_fields) + fwd.select_fields(fields, select), separator)
         assert message == (encoder.header(1_795_000_000 + i, 0) + body).encode()
     encoder.fast = False
-    assert encoder.encode(groups).messages == messages
+    assert encoder.encode(fwd.read_log_groups(raw)).messages == messages
 
 
 def test_truncation_encodes_a_log_a_logarithmic_number_of_times():
@@ -256,6 +256,47 @@ def test_contents_without_key_or_value_are_read_one_by_one():
     messages = fwd.MessageEncoder(make_settings(), procid=1).encode(groups)[0]
     assert [message.split(b" - - ")[1] for message in messages] == [
         b"__topic__=,__source__=,a=1,=v", b"__topic__=,__source__=,k=,a=1"]
+
+
+def test_taking_a_logs_values_finds_its_keys_and_putting_them_back_restores_it():
+    """take_values reads a log's keys from the serialized Contents left without values: the same
+    tuple for the same keys, another for any other keys (one more, one fewer, an unknown field
+    beside them); put_back_values restores the log; a value holding NUL leaves the log as it is."""
+    logs = [[(b"a", b"1"), (b"b", b"2")], [(b"a", b"3"), (b"b", b"")], [(b"a", b"5")],
+            [(b"a", b"6"), (b"b", b"7"), (b"c", b"8")], [(b"a", b"x\x00y"), (b"b", b"9")], []]
+    raw = pull_of(logs)
+    contents = [entry.Contents for entry in fwd.read_log_groups(raw)[0].Logs]
+    taken = [fwd.take_values(c, 65507) for c in contents]
+    assert taken[:4] == [((b"a", b"b"), b"1\x002"), ((b"a", b"b"), b"3\x00"), ((b"a",), b"5"),
+                         ((b"a", b"b", b"c"), b"6\x007\x008")]
+    assert taken[0][0] is taken[1][0]
+    assert taken[4] is None and list(contents[4].Value) == [b"x\x00y", b"9"]
+    assert taken[5] == ((), b"")
+    assert [list(c.Value) for c in contents[:4]] == [[]] * 4
+    for c, values in zip(contents, taken):
+        if values is not None:
+            fwd.put_back_values(c, values)
+    assert [list(zip(c.Key, c.Value)) for c in contents] == logs
+    # An unknown field in a Content (a server's addition) is part of what the keys are found by.
+    content = serialized((1, b"a"), (2, b"1"), (9, b"?"))
+    odd = serialized((1, serialized((1, serialized((1, 1), (2, content))))))
+    assert fwd.take_values(fwd.read_log_groups(odd)[0].Logs[0].Contents, 65507) == ((b"a",), b"1")
+    assert fwd.take_values(fwd.read_log_groups(raw)[0].Logs[2].Contents, 3) == ((b"a",), b"5")
+    assert fwd.take_values(fwd.read_log_groups(raw)[0].Logs[3].Contents, 3) is None  # longer than limit
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.integers(0, 120), min_size=1, max_size=8),
+       encoding=st.sampled_from(["kv", "json", "cef", "leef"]), max_size=st.integers(480, 700))
+def test_a_log_too_long_for_the_fast_path_is_cut_from_all_its_values(sizes, encoding, max_size):
+    """Values that fit the message size while the whole message does not: the fast path gives the
+    log back to the reference path (its values put back), which cuts it as it cuts any log."""
+    logs = [[(f"field{i}".encode(), b"v" * size + b"=|,\\") for i, size in enumerate(sizes)] * 3]
+    settings = make_settings(SYSLOG_ENCODING=encoding, SYSLOG_MAX_MESSAGE_SIZE=str(max_size))
+    encoder = fwd.MessageEncoder(settings, procid=1)
+    fast = encoder.encode(fwd.read_log_groups(pull_of(logs)))
+    encoder.fast = False
+    assert fast == encoder.encode(fwd.read_log_groups(pull_of(logs)))
 
 
 def test_bytes_that_do_not_parse_raise_so_the_pull_is_fetched_again():

@@ -265,8 +265,7 @@ def test_a_message_that_cannot_fit_is_never_built_whole():
     message, cut = fwd.fit_message(b"<14>1 - h a - - - ", fields, counted, 65507)
     assert cut and len(message) <= 65507 and max(built) < len(fields) // 4
     # The fast kv path: a name longer than the message takes the reference path, which cuts it.
-    contents = fwd.Pairs([b"k" * 100_000, b"b"], [b"1", b"2"])
-    assert fwd.kv_body(contents, ",", None, 65507) is None
+    assert fwd.kv_body((b"k" * 100_000, b"b"), b"1\x002", ",", None, 65507) is None
     # cef leaves empty values out: a log that fits is sent whole, and not counted as cut.
     empty = [(f"field{i}", "") for i in range(20_000)] + [("host", "a.example")]
     encode_cef = lambda fields: fwd.encode_cef(fields, ("access", "access", 2))  # noqa: E731
