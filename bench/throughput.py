@@ -10,8 +10,9 @@
     python bench/throughput.py --sweep         also try several SLS_FETCH_BYTES values
 
 What runs: the SLS emulator (tests/sls_emulator.py, its own process) preloaded with --logs
-realistic 55-field WAF logs (tests/waf_logs.py; the JSONL is written once and cached in
---cache-dir) over --shards shards, and for every variant a fresh counting syslog receiver
+realistic 55-field WAF logs (tests/waf_logs.py; the JSONL, and the LogGroups the emulator encodes
+from it, are written once and cached in --cache-dir: a later run loads a backlog in seconds, not half
+a minute) over --shards shards, and for every variant a fresh counting syslog receiver
 (tests/syslog_receiver.py, its own process; TCP octet-counted or newline-framed, or UDP) and a
 fresh consumer group, so every variant consumes every log:
 
@@ -670,7 +671,8 @@ def parse_arguments(argv):
                         help="the forwarder script to measure (default %(default)s)")
     parser.add_argument("--candidate", metavar="SCRIPT",
                         help="also measure this forwarder script (e.g. a patched copy) in the same run")
-    parser.add_argument("--cache-dir", default=tempfile.gettempdir(), help="where the JSONL is cached")
+    parser.add_argument("--cache-dir", default=tempfile.gettempdir(),
+                        help="where the JSONL and the emulator's LogGroups encoded from it are cached")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--idle-timeout", type=float, default=60,
                         help="give up on a variant after this many seconds without a new log")
@@ -713,7 +715,7 @@ def run_throughput(args, sdk, report, workdir):
     use_py_spy = not args.no_py_spy and shutil.which("py-spy")
     data = cached_logs_file(args.logs, args.seed, args.cache_dir)
     log(f"starting the emulator with {args.logs} logs on {args.shards} shards")
-    with PreloadedEmulator(shards=args.shards, load=[str(data)]) as emulator:
+    with PreloadedEmulator(shards=args.shards, load=[str(data)], extra_args=["--load-cache", args.cache_dir]) as emulator:
         total = sum(shard["logs"] for shard in emulator.state()["logstores"][emulator.logstore]["shards"].values())
         results, spy_outputs = {}, {}
         for variant in variants:
@@ -744,7 +746,8 @@ def run_group_size_sweep(args, sdk, report):
     for size in args.group_sizes:
         data = cached_logs_file(args.logs, args.seed, args.cache_dir, group_size=size)
         log(f"LogGroups of {size} logs: starting the emulator with {args.logs} logs on {args.shards} shards")
-        with PreloadedEmulator(shards=args.shards, load=[str(data)], extra_args=["--group-size", str(size)]) as emulator:
+        with PreloadedEmulator(shards=args.shards, load=[str(data)],
+                               extra_args=["--group-size", str(size), "--load-cache", args.cache_dir]) as emulator:
             total = sum(shard["logs"] for shard in emulator.state()["logstores"][emulator.logstore]["shards"].values())
             first = min(total, args.rate_logs)
             runs = [(Variant("baseline", f"baseline, groups of {size}", BASELINE_SCRIPT), first),

@@ -10,6 +10,7 @@ Running it
 ----------
     python tests/sls_emulator.py --port 0 --project NAME --logstore NAME --shards N \\
         --access-key-id ID --access-key-secret SECRET [--load FILE.jsonl ...] [--group-size N]
+        [--load-cache DIR]
 
 The first stdout line (flushed) is `SLS_EMULATOR_ADDR=127.0.0.1:PORT`. It serves until SIGTERM or
 SIGINT and then exits 0. Clients reach it through an HTTP proxy setting, so no DNS or root is
@@ -230,6 +231,7 @@ import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -489,6 +491,30 @@ def _unsigned(key: str, value: str, maximum: int) -> int:
     if not value.isdigit() or int(value) > maximum:
         raise ValueError(f"{key} must be an integer from 0 to {maximum}, got {value!r}")
     return int(value)
+
+
+def cached_log_groups(path: str, group_size: int, cache_dir: str):
+    """The LogGroups of a JSONL file, encoded once into cache_dir (under a name made of the file's
+    name, size, modification time and the group size) and read from there while the file stays
+    unchanged: a benchmark loads the same backlog of hundreds of thousands of logs again and again.
+    Record: little-endian u32 size, u32 log count, u64 first time, then the serialized LogGroup."""
+    info = os.stat(path)
+    cache = os.path.join(cache_dir, f"{os.path.basename(path)}-{info.st_size}-{info.st_mtime_ns}"
+                                    f"-groups{group_size}.bin")
+    if not os.path.exists(cache):
+        temporary = f"{cache}.tmp{os.getpid()}"
+        try:
+            with open(temporary, "wb") as out:
+                for group in encode_log_groups(iter_jsonl_file(path), group_size):
+                    out.write(struct.pack("<IIQ", len(group.raw), group.log_count, group.first_time) + group.raw)
+            os.replace(temporary, cache)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    with open(cache, "rb") as source:
+        while header := source.read(16):
+            size, log_count, first_time = struct.unpack("<IIQ", header)
+            yield EncodedGroup(source.read(size), log_count, first_time)
 
 
 def iter_jsonl(lines: Iterable[str], origin: str):
@@ -1107,7 +1133,11 @@ class SlsService:
     def load_logs(self, logs: Iterable[dict]) -> int:
         """Append logs as history: each LogGroup counts as received at its first log's __time__.
         Streams (for big --load files): on a bad log, the logs before it stay loaded."""
-        return self._store(encode_log_groups(logs, self.group_size), lambda group: group.first_time)
+        return self.load_groups(encode_log_groups(logs, self.group_size))
+
+    def load_groups(self, groups: Iterable[EncodedGroup]) -> int:
+        """load_logs for LogGroups already encoded (cached_log_groups)."""
+        return self._store(groups, lambda group: group.first_time)
 
     def _store(self, groups: Iterable[EncodedGroup], receive_time_of: Callable) -> int:
         stored = 0
@@ -1756,6 +1786,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--load", action="extend", nargs="+", default=[], metavar="FILE.jsonl",
                         help="JSONL logs to preload as history (see the module docstring)")
     parser.add_argument("--group-size", type=int, default=100, help="logs per LogGroup when loading")
+    parser.add_argument("--load-cache", metavar="DIR",
+                        help="keep the --load files' LogGroups, encoded, in DIR and load them from there "
+                             "while a file is unchanged (cached_log_groups)")
     args = parser.parse_args(argv)
 
     # A list, not an Event: a handler runs in this thread between any two bytecodes, even inside
@@ -1768,7 +1801,10 @@ def main(argv: Optional[list] = None) -> int:
                            args.access_key_secret, port=args.port, group_size=args.group_size)
     for path in args.load:
         try:
-            emulator.load_logs(iter_jsonl_file(path))
+            if args.load_cache:
+                emulator.load_groups(cached_log_groups(path, args.group_size, args.load_cache))
+            else:
+                emulator.load_logs(iter_jsonl_file(path))
         except (OSError, ValueError) as exc:
             parser.error(f"--load {path}: {exc}")
     with emulator:

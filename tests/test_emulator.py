@@ -16,7 +16,8 @@ from aliyun.log.auth import AUTH_VERSION_4
 from tests.polling import wait_until
 from tests.sdk_consumer import (AKID, LOGSTORE, PROJECT, SECRET, content, emulator_for_sdk, pulled_logs, put,
                                 start_worker, stop_worker)
-from tests.sls_emulator import EmulatorProcess, log_client
+from tests.sls_emulator import (EmulatorProcess, cached_log_groups, encode_log_groups, iter_jsonl_file,
+                                log_client)
 from tests.waf_logs import hostile_logs, realistic_logs, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -370,6 +371,23 @@ def test_cli_exits_cleanly_on_sigint_and_refuses_a_bad_load_file(tmp_path):
     bad.write_text(json.dumps({"__time__": 1700000000, "a": "b"}) + "\n")  # not a string
     with pytest.raises(RuntimeError, match="did not start"):
         EmulatorProcess(load=[bad])
+
+
+def test_load_cache_gives_the_same_log_groups_until_the_file_changes(tmp_path):
+    """--load-cache: the LogGroups encoded from a JSONL file are written once and read back the same,
+    hostile bytes included; a changed file is encoded again."""
+    logs = realistic_logs(300, seed=8) + hostile_logs()
+    path = write_jsonl(tmp_path / "logs.jsonl", logs)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    direct = list(encode_log_groups(iter_jsonl_file(str(path)), 7))
+    assert list(cached_log_groups(str(path), 7, str(cache))) == direct  # written, then read
+    [written] = cache.iterdir()
+    assert list(cached_log_groups(str(path), 7, str(cache))) == direct  # read from the cache
+    assert list(cache.iterdir()) == [written]
+    write_jsonl(path, logs[:10])
+    assert list(cached_log_groups(str(path), 7, str(cache))) == list(encode_log_groups(logs[:10], 7))
+    assert len(list(cache.iterdir())) == 2
 
 
 def test_log_format_fields_reach_the_sdk(emulator, client):
