@@ -3,8 +3,9 @@
 
     python bench/throughput.py                 the full run: a few minutes on 2 cores
     python bench/throughput.py --group-sizes 1,10,200,1000 --logs 600000
-                                               the LogGroup-size sweep (about 10 minutes), then the
-                                               idle CPU and the latency
+                                               the LogGroup-size sweep, then the idle CPU and the
+                                               latency: 7-8 minutes on 2 cores once its backlogs
+                                               are in --cache-dir (the first run writes them: 11)
     python bench/throughput.py --quick --logs 2000 --shards 2      a smoke run (tests use it)
     python bench/throughput.py --latency       only the end-to-end latency measurement
     python bench/throughput.py --sweep         also try several SLS_FETCH_BYTES values
