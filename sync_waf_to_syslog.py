@@ -173,7 +173,8 @@ SETTINGS: this program
                           that has not exited 2 s after that                         default 30
   SYNC_WORKERS            consumer processes on this host, or auto = one per CPU core but no more
                           than read-write shards (--workers); each is consumer
-                          {SLS_CONSUMER_NAME}-{i}, restarted if it dies                 default 1
+                          {SLS_CONSUMER_NAME}-{i}, restarted if it dies (but credentials
+                          nothing renews, an expired SLS_STS_TOKEN, stop them all)      default 1
   SYNC_METRICS_ADDR       host:port to serve /metrics (Prometheus) and /healthz on, e.g.
                           127.0.0.1:9108 (:9108 = every interface); with --workers one endpoint,
                           served by the supervisor, covers every worker        default off
@@ -269,6 +270,7 @@ except ImportError as _error:
 log = logging.getLogger("sync_waf_to_syslog")
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_SETTINGS = 0, 1, 2
+EXIT_NO_RESTART = 3  # a worker of --workers that a restart would not help: all stop, exit 1 (run_workers)
 UDP_MAX_PAYLOAD = 65507  # IPv4: 65535 - 8 (UDP header) - 20 (IP header)
 
 
@@ -1772,6 +1774,8 @@ def siem_plan(encoding, static_fields, shared_names, keys, sent_name, delimiter)
         present = bytes(map(bool, sent))
         found = templates.get(present)
         if found is None:
+            if len(templates) >= 256:  # bounded: which values are empty is the attacker's choice
+                templates.clear()
             fields = [field for field, kept in zip(static_fields, static_present) if kept] + \
                      [(name, None) for name, kept in zip(sent_names, present) if kept]
             template = siem_template(encoding, fields, delimiter)
@@ -4478,6 +4482,8 @@ def run(settings, status_file=None, progress_bar=False):
     threading.Thread(target=forwarder.flush_checkpoints, args=(client,), name="checkpoints",
                      daemon=True).start()
     status = supervise(settings, worker, forwarder, stop, monitor)
+    if status_file and credentials.failure:
+        status = EXIT_NO_RESTART  # the same credentials would fail the same way after a restart
     log.info("stopping: saving the checkpoints of delivered logs and releasing the shards")
     deadline.status = status
     stop.set()
@@ -4820,8 +4826,9 @@ SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")  # the su
 
 def run_workers(settings, count, environment, progress_bar=False):
     """--workers N: N consumer processes of the group on this host ({name}-0 ... {name}-N-1),
-    restarted when one dies; SIGTERM / SIGINT is passed on and waited for, and a worker that has
-    not exited SYNC_STOP_TIMEOUT + STOP_GRACE seconds later is killed. Each worker writes a
+    restarted when one dies, unless a restart would not help (EXIT_NO_RESTART: credentials nothing
+    renews), which stops them all; SIGTERM / SIGINT is passed on and waited for, and a worker that
+    has not exited SYNC_STOP_TIMEOUT + STOP_GRACE seconds later is killed. Each worker writes a
     snapshot file beside its lock file, from which this process alone reports (WorkersMonitor)."""
     stop = stop_on_signals()
     names = [f"{settings.sls_consumer_name}-{i}" for i in range(count)]
@@ -4845,7 +4852,7 @@ def run_workers(settings, count, environment, progress_bar=False):
     log.info("*** starting %d workers in consumer group %s", count, settings.sls_cg)
     for name in names:
         start(name)
-    restart_at = {}
+    restart_at, cannot_go_on = {}, False
     while children or restart_at:
         if stopped(stop, 0.5):
             break
@@ -4859,12 +4866,19 @@ def run_workers(settings, count, environment, progress_bar=False):
             if status == EXIT_OK and settings.sls_cursor_end:
                 log.info("worker %s finished its replay", name)
                 continue
+            if status == EXIT_NO_RESTART:
+                log.error("worker %s cannot go on, and a restart would not help (see its error); "
+                          "stopping every worker", name)
+                cannot_go_on = True
+                continue
             ran = time.monotonic() - started[name]
             delay = 1.0 if ran > 60 else delays[name]
             delays[name] = min(delay * 2, 60.0)
             log.error("worker %s exited with status %d after %.0f s; restarting it in %.0f s",
                       name, status, ran, delay)
             restart_at[name] = time.monotonic() + delay
+        if cannot_go_on:
+            break
         for name, when in list(restart_at.items()):
             if time.monotonic() >= when:
                 del restart_at[name]
@@ -4882,13 +4896,13 @@ def run_workers(settings, count, environment, progress_bar=False):
             status = child.wait()
             log.error("worker %s (pid %d) had not stopped %.0f s after SIGTERM; killed it", name,
                       child.pid, settings.sync_stop_timeout + STOP_GRACE)
-        if status not in (EXIT_OK, -signal.SIGTERM):
+        if status not in (EXIT_OK, EXIT_NO_RESTART, -signal.SIGTERM):
             failed.append(name)
     if failed:
         log.error("workers %s did not stop cleanly", ", ".join(failed))
     monitor.close()
     log.info("all workers stopped")
-    return EXIT_FAILURE if failed else EXIT_OK
+    return EXIT_FAILURE if failed or cannot_go_on else EXIT_OK
 
 
 class LockError(Exception):

@@ -313,6 +313,27 @@ def test_an_expired_static_sts_token_ends_the_forwarder_naming_it(make_emulator,
 
 
 @pytest.mark.slow
+def test_an_expired_static_sts_token_stops_every_worker_instead_of_restarting_them(make_emulator, tmp_path):
+    """--workers: a worker whose static token expired would fail the same way after a restart, so
+    the supervisor stops them all and exits 1, as one process does."""
+    emulator = make_emulator(shards=2)
+    akid, secret, token = "STS.static", "static-secret-0123", "CAIS-static-token-0123"
+    emulator.add_credentials(akid, secret, token, time.time() + 10)
+    logs = realistic_logs(30, seed=4)
+    emulator.add_logs(logs)
+    with SyslogReceiver("tcp") as receiver:
+        env = forwarder_env(emulator, port=receiver.port, SLS_AK_ID=akid, SLS_AK_KEY=secret, SLS_STS_TOKEN=token)
+        with ForwarderProcess(env, tmp_path, ["--workers", "2"]) as supervisor:
+            report = wait_delivered(lambda: receiver.messages, trace_ids(logs))
+            status = supervisor.wait(90)
+    assert report["lost"] == 0 and status == 1
+    stderr = supervisor.stderr()
+    assert "SLS_STS_TOKEN has expired" in stderr
+    assert "a restart would not help" in stderr and "restarting it" not in stderr, stderr
+    assert_no_secret(output_of(supervisor), [secret, token])
+
+
+@pytest.mark.slow
 def test_check_names_the_credentials_the_signature_and_when_they_expire(make_emulator, tmp_path):
     emulator = make_emulator(shards=1)
     with EcsMetadataServer(emulator, role_name=ROLE, lifetime=3000, period=1800) as metadata, \
