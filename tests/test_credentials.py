@@ -293,44 +293,46 @@ def test_metadata_service_down_while_valid_then_past_expiry(make_emulator, tmp_p
     assert refusals and all(set(reasons) == {"token_expired"} for reasons in refusals)
 
 
-@pytest.mark.slow
-def test_an_expired_static_sts_token_ends_the_forwarder_naming_it(make_emulator, tmp_path):
+STATIC_SECRET, STATIC_TOKEN = "static-secret-0123", "CAIS-static-token-0123"
+
+
+def run_until_a_static_token_expires(make_emulator, tmp_path, args=(), timeout=60):
+    """The forwarder (with `args`) on a static STS token that SLS takes for 10 s: (report of the
+    logs delivered meanwhile, exit status, the stopped process)."""
     emulator = make_emulator(shards=2)
-    akid, secret, token = "STS.static", "static-secret-0123", "CAIS-static-token-0123"
-    emulator.add_credentials(akid, secret, token, time.time() + 10)
+    akid = "STS.static"
+    emulator.add_credentials(akid, STATIC_SECRET, STATIC_TOKEN, time.time() + 10)
     logs = realistic_logs(30, seed=4)
     emulator.add_logs(logs)
     with SyslogReceiver("tcp") as receiver:
-        env = forwarder_env(emulator, port=receiver.port, SLS_AK_ID=akid, SLS_AK_KEY=secret, SLS_STS_TOKEN=token)
-        with ForwarderProcess(env, tmp_path) as forwarder:
+        env = forwarder_env(emulator, port=receiver.port, SLS_AK_ID=akid, SLS_AK_KEY=STATIC_SECRET,
+                            SLS_STS_TOKEN=STATIC_TOKEN)
+        with ForwarderProcess(env, tmp_path, args) as forwarder:
             report = wait_delivered(lambda: receiver.messages, trace_ids(logs))
-            status = forwarder.wait(60)
+            status = forwarder.wait(timeout)
+    return report, status, forwarder
+
+
+@pytest.mark.slow
+def test_an_expired_static_sts_token_ends_the_forwarder_naming_it(make_emulator, tmp_path):
+    report, status, forwarder = run_until_a_static_token_expires(make_emulator, tmp_path)
     assert report["lost"] == 0 and status == 1
     errors = [line for line in forwarder.stderr().splitlines() if " ERROR " in line]
     named = [line for line in errors if "SLS_STS_TOKEN has expired" in line]
     assert len(named) == 1, errors
-    assert_no_secret(output_of(forwarder), [secret, token])
+    assert_no_secret(output_of(forwarder), [STATIC_SECRET, STATIC_TOKEN])
 
 
 @pytest.mark.slow
 def test_an_expired_static_sts_token_stops_every_worker_instead_of_restarting_them(make_emulator, tmp_path):
     """--workers: a worker whose static token expired would fail the same way after a restart, so
     the supervisor stops them all and exits 1, as one process does."""
-    emulator = make_emulator(shards=2)
-    akid, secret, token = "STS.static", "static-secret-0123", "CAIS-static-token-0123"
-    emulator.add_credentials(akid, secret, token, time.time() + 10)
-    logs = realistic_logs(30, seed=4)
-    emulator.add_logs(logs)
-    with SyslogReceiver("tcp") as receiver:
-        env = forwarder_env(emulator, port=receiver.port, SLS_AK_ID=akid, SLS_AK_KEY=secret, SLS_STS_TOKEN=token)
-        with ForwarderProcess(env, tmp_path, ["--workers", "2"]) as supervisor:
-            report = wait_delivered(lambda: receiver.messages, trace_ids(logs))
-            status = supervisor.wait(90)
+    report, status, supervisor = run_until_a_static_token_expires(make_emulator, tmp_path, ["--workers", "2"], 90)
     assert report["lost"] == 0 and status == 1
     stderr = supervisor.stderr()
     assert "SLS_STS_TOKEN has expired" in stderr
     assert "a restart would not help" in stderr and "restarting it" not in stderr, stderr
-    assert_no_secret(output_of(supervisor), [secret, token])
+    assert_no_secret(output_of(supervisor), [STATIC_SECRET, STATIC_TOKEN])
 
 
 @pytest.mark.slow
