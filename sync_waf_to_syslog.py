@@ -1522,8 +1522,8 @@ def take_values(contents, limit):
     count = len(contents.Value)
     if not count:
         return (), b""
-    joined = b"\x00".join(contents.Value)
-    if len(joined) > limit or joined.count(b"\x00") != count - 1:
+    joined = joined_by_nul(contents.Value, count)
+    if joined is None or len(joined) > limit:
         return None
     contents.ClearField("Value")
     serialized = contents.SerializeToString()
@@ -1533,6 +1533,13 @@ def take_values(contents, limit):
             _key_sets.clear()
         keys = _key_sets[serialized] = tuple(contents.Key)
     return keys, joined
+
+
+def joined_by_nul(raw_values, count):
+    """The `count` raw values joined by NUL, or None if one holds NUL itself (the joined values
+    could not be split apart again)."""
+    joined = b"\x00".join(raw_values)
+    return joined if joined.count(b"\x00") == count - 1 else None
 
 
 def put_back_values(contents, taken):
@@ -1625,8 +1632,8 @@ def kv_shared_body(log_group, separator, sent_name):
     kv_body reads a log's: a LogGroup may hold a single log, so this is per-log work too."""
     tags = log_group.LogTags
     values = [log_group.Topic, log_group.Source, *tags.Value]
-    joined = b"\x00".join(values)
-    if joined.count(b"\x00") != len(values) - 1:  # a shared value holding NUL
+    joined = joined_by_nul(values, len(values))
+    if joined is None:
         return encode_kv(select_fields(group_fields(log_group), sent_name), separator).encode()
     return kv_body(shared_keys(tuple(tags.Key)), joined, separator, sent_name)
 
